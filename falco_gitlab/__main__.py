@@ -1,0 +1,5 @@
+import sys
+
+from falco_gitlab.cli import main
+
+sys.exit(main())
