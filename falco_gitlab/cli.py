@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from falco_gitlab import __version__
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_role(module_name: str) -> object | None:
+def _import_role(module_name: str) -> ModuleType | None:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = _import_role(args._module)
     if module is None:
         parser.error(f"the '{args.command}' role is not available in this installation")
-    rc: int = module.run(args)  # type: ignore[attr-defined]
+    rc: int = module.run(args)
     return rc
 
 
