@@ -14,6 +14,9 @@ HDR_DESTINATION: Final = "gitlab-destination"
 HDR_EVENT_TYPE: Final = "gitlab-event-type"
 HDR_RECEIVED_AT: Final = "gitlab-received-at"  # Unix time in nanoseconds, decimal
 HDR_REQUEST_ID: Final = "gitlab-request-id"
+# Unique per accepted event ("<request id>.<index in the request>"): lets enrich drop the second copy
+# when ingest had to re-publish from its spool an event whose first send did reach Kafka after all.
+HDR_EVENT_UID: Final = "gitlab-event-uid"
 
 # Dead-letter records keep the original bytes as value and say why and where they failed.
 HDR_DLQ_REASON: Final = "dlq-reason"
