@@ -1,0 +1,1 @@
+"""ingest: the GitLab audit event streaming receiver (HTTP -> Kafka ``gitlab.audit.raw``)."""
