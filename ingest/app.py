@@ -1,0 +1,547 @@
+"""The aiohttp application: the webhook endpoint, health, readiness and metrics.
+
+``create_app(config)`` builds a self-contained application (no globals); its cleanup context opens the
+spool, starts the Kafka side and, on shutdown, flushes what it can and closes everything. ``serve``
+runs it on a TCP (or TLS) socket until SIGTERM/SIGINT.
+
+Answers (one line of text each, plus ``X-Request-Id``):
+
+=====  ==========================================================================================
+200    every event acknowledged by Kafka (or dropped as a duplicate)
+202    accepted into the local spool (Kafka slow or unavailable); published when Kafka is back
+400    malformed body (not JSON, not UTF-8, an array element that is not an object, empty array)
+401    missing or wrong ``X-Gitlab-Event-Streaming-Token``
+403    the source address is not in the destination's ``allow_networks``
+408    the body did not arrive within ``server.body_timeout_s``
+413    the body is larger than ``server.max_body_bytes``
+503    Kafka did not acknowledge in time and the spool is full (or cannot be written)
+=====  ==========================================================================================
+
+Bodies of 400/408/413 answers to authenticated senders go to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from falco_gitlab.config import ConfigError, read_secret
+from falco_gitlab.contract import (
+    HDR_DESTINATION,
+    HDR_DLQ_REASON,
+    HDR_DLQ_STAGE,
+    HDR_EVENT_TYPE,
+    HDR_EVENT_UID,
+    HDR_RECEIVED_AT,
+    HDR_REQUEST_ID,
+)
+from ingest.auth import TOKEN_HEADER, Authenticator, client_address, network_allowed
+from ingest.body import BodyError, split_body
+from ingest.config import (
+    Destination,
+    IngestConfig,
+    Network,
+    TlsSettings,
+    parse_network,
+    producer_max_request_size,
+    resolve_destinations,
+    resolve_tls,
+    validate,
+)
+from ingest.dedup import DedupWindow
+from ingest.delivery import Delivery, Outcome
+from ingest.metrics import IngestMetrics, Registry
+from ingest.publisher import KafkaPublisher
+from ingest.records import OutRecord
+from ingest.spool import Spool, SpoolError, SpoolFull, acquire_slot
+
+log = logging.getLogger("ingest")
+access_log = logging.getLogger("ingest.access")
+
+EVENT_TYPE_HEADER: Final = "X-Gitlab-Audit-Event-Type"
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+SNAPSHOT_INTERVAL_S: Final = 2.0
+SNAPSHOT_MAX_AGE_S: Final = 10.0
+# Header names whose values are never logged, even in debug mode (admins can add custom headers).
+_SECRET_HINTS: Final = ("token", "authorization", "secret", "password", "cookie", "key", "signature")
+
+
+@dataclass(eq=False)
+class IngestState:
+    config: IngestConfig
+    destinations: list[Destination]
+    auth: Authenticator
+    trusted_proxies: tuple[Network, ...]
+    metrics: IngestMetrics
+    dedup: DedupWindow | None
+    worker_index: int = 0
+    share_metrics: bool = False
+    delivery: Delivery | None = None
+    slot: str = ""
+    stopping: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+STATE: Final = web.AppKey("ingest_state", IngestState)
+
+
+def create_app(
+    config: IngestConfig, *, worker_index: int = 0, share_metrics: bool | None = None
+) -> web.Application:
+    """Build the application for ``config`` (raises ConfigError on an invalid configuration)."""
+    validate(config)
+    destinations = resolve_destinations(config)
+    server = config.server
+    dedup = DedupWindow(config.dedup.max_entries, config.dedup.window_s) if config.dedup.enabled else None
+    state = IngestState(
+        config=config,
+        destinations=destinations,
+        auth=Authenticator(destinations),
+        trusted_proxies=tuple(
+            parse_network(text, f"server.trusted_proxies.{i}")
+            for i, text in enumerate(server.trusted_proxies)
+        ),
+        metrics=IngestMetrics(),
+        dedup=dedup,
+        worker_index=worker_index,
+        share_metrics=server.workers > 1 if share_metrics is None else share_metrics,
+    )
+    app = web.Application(
+        # The webhook reads its body itself, bounded; nothing else takes a body.
+        client_max_size=server.max_body_bytes + 1,
+        handler_args={
+            "keepalive_timeout": server.idle_timeout_s,
+            "max_line_size": server.max_line_size,
+            "max_field_size": server.max_field_size,
+            "max_headers": server.max_headers,
+            "auto_decompress": False,
+            # After an early answer (401, 408, 413), read and drop what the client still sends for at
+            # most this long, then close: enough for a client to see the answer, not a slowloris hold.
+            "lingering_time": min(1.0, server.body_timeout_s),
+            "access_log": None,  # ingest logs each request itself, without secrets
+        },
+    )
+    app[STATE] = state
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/{path:.*}", _receive)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    config = state.config
+    base = Path(config.spool.dir)
+    lock = await asyncio.to_thread(acquire_slot, base, state.worker_index)
+    spool = Spool(
+        lock.directory,
+        max_bytes=config.spool.max_bytes,
+        segment_bytes=config.spool.segment_bytes,
+        fsync=config.spool.fsync,
+    )
+    try:
+        await asyncio.to_thread(spool.open)
+    except BaseException:
+        lock.release()
+        raise
+    state.slot = lock.name
+    publisher = KafkaPublisher(config.kafka, producer_max_request_size(config))
+    delivery = Delivery(
+        publisher,
+        spool,
+        state.metrics,
+        publish_timeout_s=config.kafka.publish_timeout_s,
+        drain_batch=config.spool.drain_batch,
+        start_timeout_s=config.kafka.request_timeout_ms / 1000,
+        lock=lock,
+        adopt_from=base,
+    )
+    await delivery.start()
+    state.delivery = delivery
+    log.info(
+        "ingest ready",
+        extra={
+            "slot": lock.name,
+            "destinations": [d.name for d in state.destinations],
+            "topic": config.kafka.topic,
+            "spool_records": spool.pending,
+        },
+    )
+    if state.share_metrics:
+        _spawn(state, _share_metrics(state, base / "metrics"))
+    try:
+        yield
+    finally:
+        state.stopping = True
+        for task in list(state.tasks):
+            task.cancel()
+        if state.tasks:
+            await asyncio.wait(state.tasks)
+        await delivery.stop(config.server.shutdown_timeout_s)
+
+
+def _spawn(state: IngestState, coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(coro)
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+
+
+async def _share_metrics(state: IngestState, directory: Path) -> None:
+    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    path = directory / f"{state.slot}.json"
+    try:
+        while True:
+            try:
+                await asyncio.to_thread(state.metrics.registry.write_snapshot, path)
+            except OSError as exc:
+                log.warning("metrics: cannot write snapshot", extra={"error": str(exc)})
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+# -- health ------------------------------------------------------------------------------------------------
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    delivery = state.delivery
+    if delivery is None or state.stopping:
+        return web.Response(status=503, text="not ready: shutting down\n")
+    kafka = "up" if delivery.kafka_up else "down"
+    summary = f"kafka={kafka} spool_records={delivery.spool_depth} spool_bytes={delivery.spool_bytes}"
+    if delivery.kafka_up or delivery.spool_writable:
+        return web.Response(text=f"ready: {summary}\n")
+    return web.Response(status=503, text=f"not ready: Kafka unreachable and spool full: {summary}\n")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    registry = state.metrics.registry
+    others = []
+    if state.share_metrics:
+        directory = Path(state.config.spool.dir) / "metrics"
+        others = await asyncio.to_thread(Registry.read_snapshots, directory, state.slot, SNAPSHOT_MAX_AGE_S)
+    text = registry.render(others)
+    return web.Response(body=text.encode("utf-8"), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+# -- the webhook ------------------------------------------------------------------------------------------
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in headers.items()
+        if not any(hint in name.lower() for hint in _SECRET_HINTS)
+    }
+
+
+@dataclass(slots=True)
+class _Request:
+    state: IngestState
+    request: web.Request
+    request_id: str
+    received_ns: int
+    started: float
+    destination: Destination | None = None
+    events: int = 0
+
+
+def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web.Response:
+    response = web.Response(status=status, text=_one_line(text) + "\n")
+    response.headers[REQUEST_ID_HEADER] = ctx.request_id
+    if close:
+        response.force_close()
+    name = ctx.destination.name if ctx.destination else "unauthenticated"
+    metrics = ctx.state.metrics
+    metrics.requests.inc(name, str(status))
+    elapsed = time.monotonic() - ctx.started
+    metrics.request_duration.observe(elapsed, str(status))
+    level = logging.INFO if status < 500 else logging.ERROR
+    access_log.log(
+        level,
+        "%s %s %d",
+        ctx.request.method,
+        ctx.request.path,
+        status,
+        extra={
+            "request_id": ctx.request_id,
+            "destination": name,
+            "status": status,
+            "events": ctx.events,
+            "ms": round(elapsed * 1000, 1),
+            "client": _peer(ctx.request),
+            "reason": text if status >= 400 else None,
+        },
+    )
+    return response
+
+
+def _peer(request: web.Request) -> str | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return None
+
+
+class _BodyReader:
+    """Reads at most ``limit`` bytes; what arrived so far stays available after a timeout."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.too_large = False
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)[: self.limit]
+
+    async def read(self, request: web.Request) -> None:
+        stream = request.content
+        while True:
+            chunk = await stream.readany()
+            if not chunk:
+                return
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.too_large = True
+                return
+
+
+async def _receive(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ctx = _Request(state, request, uuid.uuid4().hex, time.time_ns(), time.monotonic())
+    try:
+        return await _handle(ctx)
+    except Exception:
+        log.exception("unexpected error while handling a request", extra={"request_id": ctx.request_id})
+        return _reply(ctx, 500, "internal error; see the ingest log for this request id", close=True)
+
+
+async def _handle(ctx: _Request) -> web.Response:
+    state, request = ctx.state, ctx.request
+    config = state.config
+    destination = state.auth.authenticate(request.headers.get(TOKEN_HEADER))
+    if destination is None:
+        return _reply(ctx, 401, f"missing or invalid {TOKEN_HEADER}", close=True)
+    ctx.destination = destination
+    client = client_address(
+        _peer(request),
+        request.headers.get("X-Forwarded-For"),
+        state.trusted_proxies,
+    )
+    if not network_allowed(client, destination.networks):
+        return _reply(ctx, 403, f"source address {client} is not allowed for this destination", close=True)
+
+    limit = config.server.max_body_bytes
+    declared = request.content_length
+    reader = _BodyReader(limit)
+    if declared is not None and declared > limit:
+        # Do not wait for megabytes we will refuse: keep what is already here, for the dead letter.
+        reader.too_large = True
+        with contextlib.suppress(TimeoutError, RequestPayloadError, ConnectionError):
+            async with asyncio.timeout(min(1.0, config.server.body_timeout_s)):
+                await reader.read(request)
+    else:
+        try:
+            async with asyncio.timeout(config.server.body_timeout_s):
+                await reader.read(request)
+        except TimeoutError:
+            text = f"request body not complete within {config.server.body_timeout_s:g} s"
+            if reader.size:
+                await _dead_letter(ctx, reader.data, f"{text}; {reader.size} bytes received", "timeout")
+            return _reply(ctx, 408, text, close=True)
+        except (RequestPayloadError, ConnectionError) as exc:
+            text = f"request body incomplete: {exc}"
+            if reader.size:
+                await _dead_letter(ctx, reader.data, text, "incomplete")
+            return _reply(ctx, 400, text, close=True)
+    if reader.too_large:
+        size = f"Content-Length {declared}" if declared is not None else f"more than {limit} bytes"
+        kept = reader.data[: config.kafka.dlq_max_bytes]
+        text = f"body too large: {size}, limit {limit} bytes"
+        await _dead_letter(ctx, kept, f"{text}; the first {len(kept)} bytes are kept", "too_large")
+        return _reply(ctx, 413, text, close=True)
+    body = reader.data
+    if config.server.debug_json:
+        log.info(
+            "received",
+            extra={
+                "request_id": ctx.request_id,
+                "destination": destination.name,
+                "headers": _safe_headers(request.headers),
+                "body": body.decode("utf-8", "replace"),
+            },
+        )
+
+    try:
+        events = split_body(body)
+    except BodyError as exc:
+        if body.strip():
+            await _dead_letter(ctx, body, str(exc), "malformed")
+        return _reply(ctx, 400, f"malformed body: {exc}")
+    ctx.events = len(events)
+    state.metrics.events_received.inc(destination.name, amount=len(events))
+
+    header_type = request.headers.get(EVENT_TYPE_HEADER) or None
+    single = len(events) == 1 and body.lstrip()[:1] == b"{"
+    received = str(ctx.received_ns).encode()
+    request_id = ctx.request_id.encode()
+    records: list[OutRecord] = []
+    reserved: list[bytes] = []
+    duplicates = 0
+    for index, event in enumerate(events):
+        if state.dedup is not None:
+            key = event.dedup_key(destination.name)
+            if not state.dedup.reserve(key):
+                duplicates += 1
+                continue
+            reserved.append(key)
+        # The header names the type of a single event; in a batch only each element can say its own.
+        event_type = (header_type or event.event_type) if single else event.event_type
+        headers: list[tuple[str, bytes]] = [(HDR_DESTINATION, destination.name.encode())]
+        if event_type:
+            headers.append((HDR_EVENT_TYPE, event_type.encode("utf-8", "replace")))
+        headers += [
+            (HDR_RECEIVED_AT, received),
+            (HDR_REQUEST_ID, request_id),
+            (HDR_EVENT_UID, b"%s.%d" % (request_id, index)),
+        ]
+        records.append(OutRecord(config.kafka.topic, event.key, event.raw, headers))
+    if duplicates:
+        state.metrics.duplicates.inc(destination.name, amount=duplicates)
+
+    assert state.delivery is not None
+    try:
+        outcome = await state.delivery.deliver(records)
+    except (SpoolFull, SpoolError) as exc:
+        if state.dedup is not None:
+            for key in reserved:
+                state.dedup.release(key)
+        state.metrics.spool_full.inc()
+        log.error(
+            "kafka did not acknowledge in time and the spool cannot take the events",
+            extra={"request_id": ctx.request_id, "error": str(exc), "events": len(records)},
+        )
+        return _reply(ctx, 503, "Kafka unavailable and local spool full: events not accepted")
+    noun = "event" if len(records) == 1 else "events"
+    dropped = f", {duplicates} duplicate{'s' if duplicates != 1 else ''} dropped" if duplicates else ""
+    if outcome is Outcome.SPOOLED:
+        return _reply(ctx, 202, f"accepted {len(records)} {noun} into the spool{dropped}")
+    return _reply(ctx, 200, f"accepted {len(records)} {noun}{dropped}")
+
+
+async def _dead_letter(ctx: _Request, value: bytes, reason: str, cause: str) -> None:
+    """Send what an authenticated sender sent (or its first bytes) to the dead-letter topic."""
+    state = ctx.state
+    assert ctx.destination is not None and state.delivery is not None
+    headers: list[tuple[str, bytes]] = [
+        (HDR_DLQ_REASON, _one_line(reason).encode("utf-8", "replace")),
+        (HDR_DLQ_STAGE, b"ingest"),
+        (HDR_DESTINATION, ctx.destination.name.encode()),
+        (HDR_REQUEST_ID, ctx.request_id.encode()),
+        (HDR_RECEIVED_AT, str(ctx.received_ns).encode()),
+    ]
+    event_type = ctx.request.headers.get(EVENT_TYPE_HEADER)
+    if event_type:
+        headers.append((HDR_EVENT_TYPE, event_type.encode("utf-8", "replace")))
+    record = OutRecord(state.config.kafka.dlq_topic, ctx.destination.name.encode(), value, headers)
+    state.metrics.dead_letters.inc(ctx.destination.name, cause)
+    try:
+        await state.delivery.deliver([record])
+    except (SpoolFull, SpoolError) as exc:
+        state.metrics.spool_full.inc()
+        log.error(
+            "cannot keep a dead letter: Kafka unavailable and spool full",
+            extra={"request_id": ctx.request_id, "error": str(exc), "reason": reason},
+        )
+
+
+# -- serving ---------------------------------------------------------------------------------------------
+
+
+def build_ssl_context(settings: TlsSettings) -> ssl.SSLContext | None:
+    files = resolve_tls(settings)
+    if files is None:
+        return None
+    cert, key = files
+    password = read_secret(None, settings.key_password_file, "server.tls.key_password_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key, password=password)
+    except FileNotFoundError:
+        missing = next((path for path in (cert, key) if not Path(path).is_file()), cert)
+        raise ConfigError(f"config error (server.tls): {missing} does not exist") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"config error (server.tls): cannot load {cert} / {key}: {exc}") from None
+    return context
+
+
+async def serve(config: IngestConfig, *, worker_index: int = 0, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully."""
+    server = config.server
+    ssl_context = build_ssl_context(server.tls)
+    app = create_app(config, worker_index=worker_index)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=server.shutdown_timeout_s)
+    await runner.setup()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(
+            runner,
+            server.host,
+            server.port,
+            ssl_context=ssl_context,
+            reuse_port=server.reuse_port or server.workers > 1,
+            backlog=1024,
+        )
+        await site.start()
+        log.info(
+            "listening",
+            extra={
+                "address": f"{server.host}:{server.port}",
+                "tls": ssl_context is not None,
+                "worker": worker_index,
+            },
+        )
+        await stop.wait()
+        log.info("shutting down: no new connections; finishing requests and flushing to Kafka")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)
+        await runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,147 @@
+"""Turn a request body into events, keeping each event's exact bytes.
+
+GitLab labels the body ``application/x-www-form-urlencoded`` but sends raw JSON: the body is never
+form-decoded. One JSON object is one event (its record value is the body exactly as received); a JSON
+array is several events, each element's own bytes becoming one record (``msgspec.Raw`` keeps them
+verbatim). Only what routing and de-duplication need is decoded (a small probe per event); everything
+else passes through untouched, whatever its type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from falco_gitlab.contract import actor_key
+
+_WHITESPACE: Final = b" \t\r\n"
+
+
+class BodyError(ValueError):
+    """The body is not one or more JSON objects; the message is the one-line reason for the sender."""
+
+
+class _Probe(msgspec.Struct):
+    id: Any = None
+    author_id: Any = None
+    author_name: Any = None
+    event_type: Any = None
+    created_at: Any = None
+    details: Any = None
+
+
+_probe_decoder: Final = msgspec.json.Decoder(_Probe)
+_array_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_any_decoder: Final = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    raw: bytes
+    event_id: str | None
+    event_type: str | None
+    created_at: str | None
+    key: bytes | None
+
+    def dedup_key(self, destination: str) -> bytes:
+        """What identifies one GitLab event for duplicate detection (fixed-size digest).
+
+        GitLab says to de-duplicate on ``id``; since ``id`` is not always unique on its own (Unix
+        seconds, placeholder values), the event type and creation time are part of the key. Without an
+        ``id`` the content hash of the event decides.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(destination.encode("utf-8"))
+        if self.event_id is not None:
+            for part in (self.event_type or "", self.event_id, self.created_at or ""):
+                h.update(b"\0" + part.encode("utf-8", "surrogateescape"))
+        else:
+            h.update(b"\1" + self.raw.strip(_WHITESPACE))
+        return h.digest()
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str | int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _probe(raw: bytes, where: str) -> Event:
+    try:
+        probe = _probe_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise BodyError(f"{where} is not valid JSON: {exc}") from None
+    except msgspec.ValidationError:
+        # Not an object after all (cannot happen after the first-byte check, but stay exact).
+        raise BodyError(f"{where} is not a JSON object") from None
+    details = probe.details if isinstance(probe.details, dict) else {}
+    name = probe.author_name if isinstance(probe.author_name, str) and probe.author_name else None
+    if name is None and isinstance(details.get("author_name"), str):
+        name = details["author_name"]
+    author_id = probe.author_id if isinstance(probe.author_id, int | str) else None
+    if isinstance(author_id, bool):
+        author_id = None
+    event_type = probe.event_type if isinstance(probe.event_type, str) and probe.event_type else None
+    created_at = probe.created_at if isinstance(probe.created_at, str) else None
+    return Event(
+        raw=raw,
+        event_id=_text(probe.id),
+        event_type=event_type,
+        created_at=created_at,
+        key=actor_key(author_id, name),
+    )
+
+
+def split_body(body: bytes) -> list[Event]:
+    """The events of a request body; raises BodyError with a one-line reason."""
+    stripped = body.lstrip(_WHITESPACE)
+    if not stripped:
+        raise BodyError("empty body: expected a JSON object or array")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    first = stripped[:1]
+    if first == b"{":
+        return [_probe(body, "body")]
+    if first == b"[":
+        try:
+            elements = _array_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise BodyError(f"body is not valid JSON: {exc}") from None
+        if not elements:
+            raise BodyError("empty JSON array: no events")
+        events: list[Event] = []
+        for index, element in enumerate(elements):
+            raw = bytes(element)
+            if raw[:1] != b"{":
+                kind = _kind(_any_decoder.decode(raw))
+                raise BodyError(f"array element {index} is {kind}, not a JSON object")
+            events.append(_probe(raw, f"array element {index}"))
+        return events
+    try:
+        value = _any_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BodyError(f"body is not valid JSON: {exc}") from None
+    raise BodyError(f"body is {_kind(value)}, not a JSON object or array")

@@ -1,0 +1,467 @@
+"""Getting records to Kafka without losing any: directly when Kafka answers in time, else via the spool.
+
+The protocol (see docs/ingest.md, "Spool"):
+
+* **Direct path.** A request's records are handed to the idempotent producer in order and the request
+  waits for all acknowledgements, at most ``publish_timeout_s``.
+* **Fallback.** Records not acknowledged by then (or whose send failed) are appended to the spool
+  (fsynced) and the request is answered 202. A send that merely timed out may still be in the
+  producer and reach Kafka later: its future is kept, and when it succeeds the spooled copy is marked
+  done, so the drainer does not publish it a second time.
+* **Backlog mode.** While the spool holds anything (or the producer is not running), new records go
+  straight to the spool, behind the older ones, so that order is kept (per actor: one key, one
+  partition) and a struggling broker is not hammered with requests that will time out.
+* **Drainer.** A background task reads the spool in order and publishes it. A record whose original
+  send is still in flight is not sent again: the drainer waits for that send's outcome and re-sends
+  only if it failed. Acknowledged records are marked done; fully done segment files are deleted. When
+  the spool is empty, requests use the direct path again.
+* **Restart.** Spool directories are per process (``<spool.dir>/w<n>``, held with ``flock``). At startup
+  and every half minute each process adopts unlocked siblings that still hold records (left by a
+  previous run, a crashed worker, or a run with more workers) and drains them.
+
+The residual duplicate: if the process dies after Kafka stored a record but before the done mark was
+written, the next run publishes that record again. Both copies carry the same ``gitlab-event-uid``
+header, so the consumer can drop the second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from aiokafka.errors import KafkaError
+
+from ingest.metrics import IngestMetrics
+from ingest.publisher import DeliveryFuture, KafkaPublisher, describe, is_permanent
+from ingest.records import OutRecord
+from ingest.spool import SlotLock, Spool, SpoolEntry, other_slots, try_lock_slot
+
+log = logging.getLogger(__name__)
+
+ADOPT_INTERVAL_S: Final = 30.0
+MAX_BACKOFF_S: Final = 5.0
+
+
+class Outcome(enum.Enum):
+    PUBLISHED = "published"
+    SPOOLED = "spooled"
+
+
+@dataclass(eq=False)
+class _SpoolState:
+    spool: Spool
+    lock: SlotLock | None
+    adopted: bool = False
+    # Sends whose outcome decides whether a spooled record still has to be published.
+    inflight: dict[int, DeliveryFuture] = field(default_factory=dict)
+    acked: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spool.directory.name
+
+
+class Delivery:
+    def __init__(
+        self,
+        publisher: KafkaPublisher,
+        spool: Spool,
+        metrics: IngestMetrics,
+        *,
+        publish_timeout_s: float,
+        drain_batch: int = 500,
+        start_timeout_s: float = 30.0,
+        lock: SlotLock | None = None,
+        adopt_from: Path | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._own = _SpoolState(spool, lock)
+        self._adopted: list[_SpoolState] = []
+        self._metrics = metrics
+        self._publish_timeout = publish_timeout_s
+        self._drain_batch = drain_batch
+        self._start_timeout = start_timeout_s
+        self._adopt_from = adopt_from
+        self._work = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self._acks_scheduled = False
+        self._stopping = False
+        self._halted = False
+        self._kafka_up = False
+        self._last_error: str | None = None
+        metrics.spool_depth.set_function(lambda: [((), float(self.spool_depth))])
+        metrics.spool_bytes.set_function(lambda: [((), float(self.spool_bytes))])
+        metrics.kafka_up.set_function(lambda: [((), 1.0 if self._kafka_up else 0.0)])
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    @property
+    def kafka_up(self) -> bool:
+        return self._kafka_up
+
+    @property
+    def spool_depth(self) -> int:
+        return sum(state.spool.pending for state in self._states())
+
+    @property
+    def spool_bytes(self) -> int:
+        return sum(state.spool.size_bytes for state in self._states())
+
+    @property
+    def spool_writable(self) -> bool:
+        spool = self._own.spool
+        return spool.free_bytes() > 0 and not self._stopping
+
+    def _states(self) -> list[_SpoolState]:
+        return [*self._adopted, self._own]
+
+    def _set_kafka(self, up: bool, error: BaseException | None = None) -> None:
+        if up != self._kafka_up:
+            if up:
+                log.info("kafka: acknowledging again")
+            else:
+                log.warning(
+                    "kafka: not acknowledging; spooling", extra={"error": describe(error) if error else ""}
+                )
+        self._kafka_up = up
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self, connect_timeout_s: float = 3.0) -> None:
+        """Try to connect briefly (serving starts either way), then start the drainer."""
+        if self._adopt_from is not None:
+            await self._adopt()
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                await self._publisher.start()
+            self._set_kafka(True)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning(
+                "kafka: not reachable at startup; accepting into the spool until it is",
+                extra={"error": describe(exc)},
+            )
+        self._drainer = asyncio.create_task(self._drain_loop(), name="spool-drainer")
+        if self.spool_depth:
+            log.info(
+                "spool: records left by a previous run will be published",
+                extra={"records": self.spool_depth},
+            )
+            self._work.set()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Publish what can be published within ``timeout_s``; what cannot stays in the spool."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._stopping = True
+        self._work.set()
+        while (  # noqa: ASYNC110 (polls several conditions, one of them the clock)
+            self.spool_depth
+            and self._kafka_up
+            and self._drainer is not None
+            and not self._drainer.done()
+            and loop.time() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        self._halted = True
+        if self._drainer is not None:
+            self._drainer.cancel()
+            await asyncio.wait([self._drainer])
+        remaining = max(0.0, deadline - loop.time())
+        await self._publisher.close(remaining if self._kafka_up else min(remaining, 1.0))
+        await asyncio.sleep(0)  # let delivery callbacks run
+        self._flush_acks()
+        for state in self._states():
+            await state.spool.close()
+            if state.lock is not None:
+                state.lock.release()
+        left = self.spool_depth
+        if left:
+            log.warning("spool: records left for the next start", extra={"records": left})
+
+    # -- the request path ----------------------------------------------------------------------------------
+
+    def _must_spool(self) -> bool:
+        # Older records waiting (ours or adopted ones) go first: new ones queue behind them.
+        return (
+            self._stopping
+            or not self._publisher.started
+            or self._publisher.broken
+            or not self._own.spool.is_idle
+            or any(state.spool.pending for state in self._adopted)
+        )
+
+    async def deliver(self, records: list[OutRecord]) -> Outcome:
+        """Publish ``records`` (all acknowledged: PUBLISHED) or make them durable locally (SPOOLED).
+
+        Raises SpoolFull / SpoolError when neither is possible; nothing is then guaranteed.
+        """
+        if not records:
+            return Outcome.PUBLISHED
+        if self._must_spool():
+            await self._spool(records, [None] * len(records))
+            return Outcome.SPOOLED
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        futures: list[DeliveryFuture | None] = [None] * len(records)
+        enqueue = asyncio.create_task(self._enqueue(records, futures))
+        await asyncio.wait([enqueue], timeout=self._publish_timeout)
+        error: BaseException | None = None
+        if enqueue.done():
+            error = enqueue.exception()
+            sent = [f for f in futures if f is not None]
+            remaining = self._publish_timeout - (loop.time() - started)
+            if sent and error is None and remaining > 0:
+                await asyncio.wait(sent, timeout=remaining)
+        else:
+            enqueue.cancel()  # a send() cancelled before it returns never reaches Kafka
+            await asyncio.wait([enqueue])
+        if error is None and all(_succeeded(f) for f in futures):
+            self._metrics.publish_latency.observe(loop.time() - started)
+            for record in records:
+                self._metrics.events_published.inc(record.topic, "direct")
+            self._set_kafka(True)
+            return Outcome.PUBLISHED
+        if error is None:
+            error = next(
+                (e for e in (_error(f) for f in futures if f is not None and f.done()) if e is not None),
+                TimeoutError(f"no acknowledgement within {self._publish_timeout} s"),
+            )
+        self._set_kafka(False, error)
+        left = [(r, f) for r, f in zip(records, futures, strict=True) if not _succeeded(f)]
+        for record, future in zip(records, futures, strict=True):
+            if _succeeded(future):
+                self._metrics.events_published.inc(record.topic, "direct")
+        await self._spool([r for r, _ in left], [f for _, f in left])
+        return Outcome.SPOOLED
+
+    async def _enqueue(self, records: list[OutRecord], futures: list[DeliveryFuture | None]) -> None:
+        for index, record in enumerate(records):
+            futures[index] = await self._publisher.send(record)
+
+    async def _spool(self, records: list[OutRecord], futures: list[DeliveryFuture | None]) -> None:
+        state = self._own
+
+        def track(seqs: list[int]) -> None:
+            # Before the write: the drainer must never see these records without their sends.
+            for seq, record, future in zip(seqs, records, futures, strict=True):
+                if future is not None:
+                    self._track(state, seq, record.topic, future, "late")
+
+        try:
+            seqs = await state.spool.append(records, assigned=track)
+        except BaseException:
+            for future in futures:
+                if future is not None:
+                    for seq, tracked in list(state.inflight.items()):
+                        if tracked is future:
+                            del state.inflight[seq]
+            raise
+        for record in records:
+            self._metrics.events_spooled.inc(record.topic)
+        if state.acked:
+            self._schedule_acks()
+        self._work.set()
+        del seqs
+
+    # -- acknowledgements -----------------------------------------------------------------------------------
+
+    def _track(self, state: _SpoolState, seq: int, topic: str, future: DeliveryFuture, path: str) -> None:
+        state.inflight[seq] = future
+        future.add_done_callback(functools.partial(self._delivered, state, seq, topic, path))
+
+    def _delivered(self, state: _SpoolState, seq: int, topic: str, path: str, future: DeliveryFuture) -> None:
+        if not _succeeded(future):
+            _consume(future)
+            return
+        self._metrics.events_published.inc(topic, path)
+        state.acked.append(seq)
+        self._schedule_acks()
+
+    def _schedule_acks(self) -> None:
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._acks_scheduled = False
+        for state in self._states():
+            if state.acked:
+                frontier = state.spool.durable_next
+                ready = [seq for seq in state.acked if seq < frontier]
+                # Acknowledged before their spool write finished: recorded once it has.
+                state.acked = [seq for seq in state.acked if seq >= frontier]
+                for seq in ready:
+                    state.inflight.pop(seq, None)
+                state.spool.mark_done(ready)
+                self._set_kafka(True)
+
+    # -- the drainer --------------------------------------------------------------------------------------
+
+    async def _drain_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.1
+        last_adopt = loop.time()
+        while not self._halted:
+            if self._adopt_from is not None and loop.time() - last_adopt >= ADOPT_INTERVAL_S:
+                last_adopt = loop.time()
+                await self._adopt()
+            await self._release_drained()
+            if not any(state.spool.pending for state in self._states()):
+                self._work.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # coincides with the event being set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ADOPT_INTERVAL_S):
+                        await self._work.wait()
+                continue
+            if not await self._ensure_producer():
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            ok = True
+            for state in self._states():
+                if state.spool.pending and not await self._drain_once(state):
+                    ok = False
+                    break
+            if ok:
+                backoff = 0.1
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _ensure_producer(self) -> bool:
+        if self._publisher.broken:
+            log.warning("kafka: the producer failed; starting a new one")
+            await self._publisher.discard()
+        if self._publisher.started:
+            return True
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                await self._publisher.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self._set_kafka(False, exc)
+            return False
+        return True
+
+    async def _drain_once(self, state: _SpoolState) -> bool:
+        """Publish the next batch of ``state``'s spool; False when Kafka failed (read again later)."""
+        entries = await state.spool.read_pending(self._drain_batch)
+        sent: list[tuple[SpoolEntry, DeliveryFuture]] = []
+        failed: BaseException | None = None
+        for entry in entries:
+            prior = state.inflight.get(entry.seq)
+            if prior is not None:
+                if not prior.done():
+                    # Sent before and still with the producer: its outcome decides (no second copy).
+                    await asyncio.wait([prior])
+                if _succeeded(prior):
+                    state.acked.append(entry.seq)  # acknowledged: no second copy
+                    continue
+                state.inflight.pop(entry.seq, None)
+                error = _error(prior)
+                if error is not None and is_permanent(error):
+                    self._reject(state, entry, error)
+                    continue
+            if state.spool.is_done(entry.seq):
+                # Acknowledged while this batch was being worked on (an earlier send completed).
+                continue
+            try:
+                future = await self._publisher.send(entry.record)
+            except KafkaError as exc:
+                if is_permanent(exc):
+                    self._reject(state, entry, exc)
+                    continue
+                failed = exc
+                break
+            self._track(state, entry.seq, entry.record.topic, future, "spool")
+            sent.append((entry, future))
+        if sent:
+            await asyncio.wait([future for _, future in sent])
+            for entry, future in sent:
+                error = _error(future)
+                if error is None:
+                    continue
+                state.inflight.pop(entry.seq, None)
+                if is_permanent(error):
+                    self._reject(state, entry, error)
+                elif failed is None:
+                    failed = error
+        self._flush_acks()
+        if failed is not None:
+            self._set_kafka(False, failed)
+            state.spool.rewind()
+            return False
+        return True
+
+    def _reject(self, state: _SpoolState, entry: SpoolEntry, error: BaseException) -> None:
+        self._metrics.spool_rejected.inc()
+        try:
+            state.spool.quarantine(entry, describe(error))
+        except OSError as exc:
+            log.error("spool: cannot keep a rejected record", extra={"error": str(exc), "seq": entry.seq})
+            state.spool.mark_done([entry.seq])
+
+    # -- adoption -----------------------------------------------------------------------------------------
+
+    async def _adopt(self) -> None:
+        base = self._adopt_from
+        if base is None:
+            return
+        held = {state.name for state in self._states()}
+        for name in other_slots(base, self._own.name):
+            if name in held:
+                continue
+            lock = try_lock_slot(base, name)
+            if lock is None:
+                continue
+            own = self._own.spool
+            spool = Spool(
+                lock.directory, max_bytes=own.max_bytes, segment_bytes=own.segment_bytes, fsync=own.fsync
+            )
+            try:
+                await asyncio.to_thread(spool.open)
+            except OSError as exc:
+                log.error("spool: cannot open a sibling spool", extra={"slot": name, "error": str(exc)})
+                lock.release()
+                continue
+            if not spool.pending:
+                await spool.close()
+                lock.release()
+                continue
+            log.info(
+                "spool: adopting records left by another process",
+                extra={"slot": name, "records": spool.pending, "bytes": spool.size_bytes},
+            )
+            self._adopted.append(_SpoolState(spool, lock, adopted=True))
+            self._work.set()
+
+    async def _release_drained(self) -> None:
+        for state in list(self._adopted):
+            if not state.spool.pending and not state.inflight:
+                self._adopted.remove(state)
+                await state.spool.close()
+                if state.lock is not None:
+                    state.lock.release()
+                log.info("spool: adopted spool drained", extra={"slot": state.name})
+
+
+def _succeeded(future: DeliveryFuture | None) -> bool:
+    return future is not None and future.done() and not future.cancelled() and future.exception() is None
+
+
+def _error(future: DeliveryFuture) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
+def _consume(future: DeliveryFuture) -> None:
+    """Mark a failed future's exception as retrieved (no 'never retrieved' warnings)."""
+    if future.done() and not future.cancelled():
+        future.exception()
