@@ -1,0 +1,424 @@
+"""The plugin's event source: a confluent-kafka (librdkafka) consumer of the enriched topic.
+
+Live mode consumes in the consumer group ``group_id`` and commits offsets only for records already
+handed to Falco: the records of a batch become committable when the framework asks for the next batch
+(or closes), and are committed at most every ``commit_interval_ms``. Bounded replay assigns every
+partition from its low watermark (or from a time), stops at the end offsets read at open, never
+commits, and then reports EOF.
+
+Each record becomes one Falco plugin event (type 322): the 38-byte header, then the record value as
+consumed (the enriched record, msgpack), stamped with the record's ``ts`` (GitLab's ``created_at``).
+Records larger than ``max_event_size`` and records that are not enriched records are dropped, counted
+and logged (rate-limited), never a failure.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from array import array
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+
+from falco_gitlab.model import EnrichedRecord, decode_enriched
+from falco_source.config import ConfigError, PluginConfig, broker_list, consumer_properties
+from falco_source.hostlog import SEV_WARNING, HostLog, KafkaLogger
+from falco_source.params import OpenParams
+
+# ss_plugin_rc
+RC_SUCCESS: Final = 0
+RC_FAILURE: Final = 1
+RC_TIMEOUT: Final = -1
+RC_EOF: Final = 2
+
+PPME_PLUGINEVENT_E: Final = 322
+HEADER: Final = struct.Struct("<QQIHIIII")  # ts, tid, len, type, nparams, len(id)=4, len(payload), id
+HEADER_LEN: Final = HEADER.size  # 38
+NO_VALUE: Final = 0xFFFF_FFFF_FFFF_FFFF  # ts "now" / tid "no thread"
+
+
+# (rc, packed events, offset of each event, the decoded record of each event)
+Batch = tuple[int, bytearray, "array[int]", list[EnrichedRecord]]
+
+
+class SourceError(RuntimeError):
+    """open/next_batch cannot go on; the message is for get_last_error()."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """Cumulative over the plugin handle's life (several open/close cycles)."""
+
+    delivered: int = 0
+    dropped_oversized: int = 0
+    dropped_malformed: int = 0
+    lag: int = 0
+    kafka_errors: int = 0
+    commits: int = 0
+
+
+def pack_event(buf: bytearray, ts: int, payload: bytes, plugin_id: int) -> None:
+    """Append one plugin event to ``buf``."""
+    size = len(payload)
+    buf += HEADER.pack(ts, NO_VALUE, HEADER_LEN + size, PPME_PLUGINEVENT_E, 2, 4, size, plugin_id)
+    buf += payload
+
+
+def event_ts(ts: int) -> int:
+    return ts if 0 < ts < NO_VALUE else NO_VALUE
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        config: PluginConfig,
+        params: OpenParams,
+        plugin_id: int,
+        log: HostLog,
+        counters: Counters,
+    ) -> None:
+        self.config = config
+        self.params = params
+        self.plugin_id = plugin_id
+        self.log = log
+        self.counters = counters
+        self.topic = config.topic
+        self.replay = params.mode == "replay"
+        self._consumer: Any = None
+        self._max_payload = config.max_event_size - HEADER_LEN
+        self._timeout = config.poll_timeout_ms / 1000.0
+        self._fatal: str | None = None
+        # replay bookkeeping, by partition
+        self._start: dict[int, int] = {}
+        self._end: dict[int, int] = {}
+        self._pos: dict[int, int] = {}
+        self._remaining: set[int] = set()
+        # live commit bookkeeping: partition -> next offset
+        self._inflight: dict[int, int] = {}
+        self._committable: dict[int, int] = {}
+        self._last_commit = 0.0
+        self._lag_at = 0.0
+
+    # ---- open / close ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            props = consumer_properties(self.config)  # reads the secret files
+        except ConfigError as exc:
+            raise SourceError(str(exc)) from None
+        start = self.params.start if self.params.mode == "live" else None
+        props["auto.offset.reset"] = (
+            "earliest" if self.replay else (start if isinstance(start, str) else self.config.initial_offset)
+        )
+        props["enable.partition.eof"] = self.replay
+        props["logger"] = KafkaLogger(self.log)
+        props["error_cb"] = self._on_error
+        if not self.replay:
+            props["on_commit"] = self._on_commit
+        try:
+            self._consumer = Consumer(props)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise SourceError(f"cannot create the Kafka consumer: {exc}") from None
+        try:
+            self._open_topic()
+        except BaseException:
+            self._close_consumer()
+            raise
+
+    def _open_topic(self) -> None:
+        timeout = self.config.open_timeout_ms / 1000.0
+        brokers = ",".join(broker_list(self.config))
+        try:
+            metadata = self._consumer.list_topics(self.topic, timeout=timeout)
+        except KafkaException as exc:
+            raise SourceError(
+                f"cannot reach the Kafka brokers {brokers} within {timeout:g}s: {exc.args[0]}"
+            ) from None
+        topic = metadata.topics.get(self.topic)
+        missing = topic is None or topic.error is not None or not topic.partitions
+        if self.replay:
+            if missing:
+                reason = topic.error if topic is not None and topic.error is not None else "no partitions"
+                raise SourceError(f"topic {self.topic} is not available on {brokers}: {reason}")
+            self._assign_replay(sorted(topic.partitions), timeout)
+            return
+        if missing:
+            self.log.warning(f"topic {self.topic} does not exist (yet) on {brokers}; waiting for it")
+        self._consumer.subscribe(
+            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self.log.info(f"consuming {self.topic} in group {self.config.group_id} ({self.params.describe()})")
+
+    def _assign_replay(self, partitions: list[int], timeout: float) -> None:
+        consumer = self._consumer
+        starts: dict[int, int] = {}
+        try:
+            for p in partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=timeout, cached=False
+                )
+                self._end[p] = high
+                starts[p] = low
+            if isinstance(self.params.start, int):
+                found = consumer.offsets_for_times(
+                    [TopicPartition(self.topic, p, self.params.start) for p in partitions], timeout=timeout
+                )
+                for tp in found:
+                    # -1: no record at or after the time in this partition
+                    starts[tp.partition] = max(starts[tp.partition], tp.offset) if tp.offset >= 0 else (
+                        self._end[tp.partition]
+                    )
+        except KafkaException as exc:
+            raise SourceError(f"cannot read the offsets of {self.topic}: {exc.args[0]}") from None
+        assignment = []
+        for p in partitions:
+            self._start[p] = self._pos[p] = starts[p]
+            if starts[p] < self._end[p]:
+                self._remaining.add(p)
+                assignment.append(TopicPartition(self.topic, p, starts[p]))
+        consumer.assign(assignment)
+        total = sum(self._end[p] - self._start[p] for p in partitions)
+        self.log.info(
+            f"replaying {self.topic}: {len(assignment)}/{len(partitions)} partitions, up to {total} "
+            f"records ({self.params.describe()})"
+        )
+
+    def close(self) -> None:
+        if self._consumer is None:
+            return
+        if not self.replay:
+            # The last batch was handed to Falco: its records are delivered. The consumer's close
+            # waits for this commit before it leaves the group.
+            self._committable.update(self._inflight)
+            self._inflight.clear()
+            self._commit(force=True, asynchronous=True)
+        self._close_consumer()
+
+    def _close_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                self.log.warning(f"closing the Kafka consumer: {exc}")
+
+    # ---- next_batch -------------------------------------------------------------------------------
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """(rc, events, offset of each event in events, its decoded record). SUCCESS only with events."""
+        buf = bytearray()
+        offsets: array[int] = array("I")
+        records: list[EnrichedRecord] = []
+        if self._fatal is not None:
+            raise SourceError(self._fatal)
+        if self.replay and not self._remaining:
+            return RC_EOF, buf, offsets, records
+        if not self.replay:
+            self._committable.update(self._inflight)
+            self._inflight.clear()
+            if self._committable:
+                self._commit(force=False, asynchronous=True)
+        try:
+            messages = self._consumer.consume(num_messages=batch_size, timeout=self._timeout)
+        except KafkaException as exc:
+            self._kafka_error(exc.args[0])
+            messages = []
+        if self._fatal is not None:
+            raise SourceError(self._fatal)
+
+        counters = self.counters
+        max_payload = self._max_payload
+        plugin_id = self.plugin_id
+        replay = self.replay
+        end = self._end
+        remaining = self._remaining
+        inflight = self._inflight
+        pos = self._pos
+        header = HEADER.pack
+        for message in messages:
+            error = message.error()
+            partition = message.partition()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    if replay and partition in remaining:
+                        self._finish(partition)
+                    continue
+                self._kafka_error(error)
+                continue
+            offset = message.offset()
+            if replay:
+                if partition not in remaining:
+                    continue
+                if offset >= end[partition]:
+                    self._finish(partition)
+                    continue
+                pos[partition] = offset + 1
+            else:
+                inflight[partition] = offset + 1
+            value = message.value()
+            size = len(value) if value is not None else -1
+            if size > max_payload:
+                counters.dropped_oversized += 1
+                self.log.limited(
+                    "oversized", SEV_WARNING,
+                    f"dropped record {self.topic}/{partition}/{offset}: {size} bytes is more than "
+                    f"max_event_size {self.config.max_event_size} allows",
+                )
+            else:
+                try:
+                    if value is None:
+                        raise ValueError("record has no value (tombstone)")
+                    record = decode_enriched(value)
+                except (msgspec.MsgspecError, ValueError) as exc:
+                    counters.dropped_malformed += 1
+                    self.log.limited(
+                        "malformed", SEV_WARNING,
+                        f"dropped record {self.topic}/{partition}/{offset}: not an enriched record: {exc}",
+                    )
+                else:
+                    records.append(record)
+                    ts = record.ts
+                    offsets.append(len(buf))
+                    buf += header(
+                        ts if 0 < ts < NO_VALUE else NO_VALUE, NO_VALUE, HEADER_LEN + size,
+                        PPME_PLUGINEVENT_E, 2, 4, size, plugin_id,
+                    )
+                    buf += value
+            if replay and offset + 1 >= end[partition]:
+                self._finish(partition)
+
+        count = len(offsets)
+        if count:
+            counters.delivered += count
+            return RC_SUCCESS, buf, offsets, records
+        if replay:
+            if not messages and remaining:
+                self._check_positions()
+            if not remaining:
+                return RC_EOF, buf, offsets, records
+        return RC_TIMEOUT, buf, offsets, records
+
+    def _finish(self, partition: int) -> None:
+        self._remaining.discard(partition)
+        self._pos[partition] = max(self._pos.get(partition, 0), self._end[partition])
+        try:
+            self._consumer.pause([TopicPartition(self.topic, partition)])
+        except KafkaException as exc:
+            self.log.debug(f"pausing partition {partition}: {exc}")
+
+    def _check_positions(self) -> None:
+        """A partition whose position passed its end offset is done (e.g. trailing txn markers)."""
+        try:
+            positions = self._consumer.position(
+                [TopicPartition(self.topic, p) for p in sorted(self._remaining)]
+            )
+        except KafkaException:
+            return
+        for tp in positions:
+            if tp.offset != OFFSET_INVALID and tp.offset >= self._end[tp.partition]:
+                self._finish(tp.partition)
+
+    # ---- commits (live mode) ----------------------------------------------------------------------
+
+    def _commit(self, *, force: bool, asynchronous: bool) -> None:
+        if not self._committable or self._consumer is None:
+            return
+        now = time.monotonic()
+        interval = self.config.commit_interval_ms / 1000.0
+        if not force and interval > 0 and now - self._last_commit < interval:
+            return
+        offsets = [TopicPartition(self.topic, p, o) for p, o in sorted(self._committable.items())]
+        self._committable.clear()
+        self._last_commit = now
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            self.counters.commits += 1
+        except KafkaException as exc:
+            error = exc.args[0]
+            if getattr(error, "code", lambda: None)() != KafkaError._NO_OFFSET:
+                self.log.limited("commit", SEV_WARNING, f"offset commit failed: {error}")
+                self._requeue(offsets)
+
+    def _requeue(self, offsets: list[Any]) -> None:
+        for tp in offsets:
+            if tp.offset > self._committable.get(tp.partition, -1):
+                self._committable[tp.partition] = tp.offset
+
+    def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        if error is None:
+            return
+        self.counters.kafka_errors += 1
+        self.log.limited("commit", SEV_WARNING, f"offset commit failed: {error}")
+        self._requeue([tp for tp in partitions if tp.offset >= 0])
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.log.info(f"assigned {self.topic} partitions {[tp.partition for tp in partitions]}")
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        revoked = {tp.partition for tp in partitions}
+        offsets = [
+            TopicPartition(self.topic, p, o) for p, o in sorted(self._committable.items()) if p in revoked
+        ]
+        for p in revoked:
+            self._committable.pop(p, None)
+        if offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+                self.counters.commits += 1
+            except KafkaException as exc:
+                self.log.warning(f"commit before revocation failed: {exc.args[0]}")
+        self.log.info(f"revoked {self.topic} partitions {sorted(revoked)}")
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        for tp in partitions:
+            self._committable.pop(tp.partition, None)
+            self._inflight.pop(tp.partition, None)
+        self.log.warning(f"lost {self.topic} partitions {[tp.partition for tp in partitions]}")
+
+    # ---- errors, progress, lag --------------------------------------------------------------------
+
+    def _on_error(self, error: Any) -> None:
+        self._kafka_error(error)
+
+    def _kafka_error(self, error: Any) -> None:
+        self.counters.kafka_errors += 1
+        fatal = getattr(error, "fatal", None)
+        if callable(fatal) and fatal():
+            self._fatal = f"fatal Kafka consumer error: {error}"
+            self.log.error(self._fatal)
+            return
+        self.log.limited(f"kafka:{getattr(error, 'code', lambda: error)()}", SEV_WARNING, f"Kafka: {error}")
+
+    def progress(self) -> tuple[int, str]:
+        """(hundredths of a percent, text)."""
+        if not self.replay:
+            return 0, f"live: {self.counters.delivered} events delivered, consumer lag {self.lag()}"
+        total = sum(self._end[p] - self._start[p] for p in self._end)
+        done = sum(min(self._pos[p], self._end[p]) - self._start[p] for p in self._end)
+        pct = 10000 if total <= 0 else min(10000, done * 10000 // total)
+        return pct, f"{pct / 100:.2f}% ({done}/{total} records of {self.topic})"
+
+    def lag(self) -> int:
+        """Records behind the end of the assigned partitions (refreshed at most once a second)."""
+        now = time.monotonic()
+        if self._consumer is None or now - self._lag_at < 1.0:
+            return self.counters.lag
+        self._lag_at = now
+        if self.replay:
+            self.counters.lag = sum(self._end[p] - min(self._pos[p], self._end[p]) for p in self._end)
+            return self.counters.lag
+        try:
+            assignment = self._consumer.assignment()
+            positions = self._consumer.position(assignment) if assignment else []
+            lag = 0
+            for tp in positions:
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    lag += max(0, high - tp.offset)
+            self.counters.lag = lag
+        except KafkaException:
+            pass
+        return self.counters.lag
