@@ -24,7 +24,8 @@ from ingest.config import (
     SpoolSettings,
 )
 
-SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", "/work/shared/seed/jsonmessages"))
+_REPO_SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "gitlab"
+SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", _REPO_SAMPLES))
 
 TOKEN_PROD = "prodToken0123456789ab"  # 21 characters, base58-like
 TOKEN_PROD_NEXT = "prodNext+/0123456789AB=="  # 24 characters, base64 alphabet (rotation)

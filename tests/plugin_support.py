@@ -21,7 +21,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_SOURCE = ROOT / "tests" / "host" / "plugin_host.c"
-SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", "/work/shared/seed/jsonmessages"))
+_REPO_SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "gitlab"
+SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", _REPO_SAMPLES))
 # A fixed receive time, so that expected values never depend on the clock.
 RECEIVED_AT_NS = 1_700_000_000_000_000_000
 

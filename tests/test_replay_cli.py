@@ -26,7 +26,7 @@ from replay.inputs import (
     write_enriched_file,
 )
 
-SEED = Path("/work/shared/seed/jsonmessages")
+SEED = Path(__file__).resolve().parent.parent / "samples" / "gitlab"
 if not SEED.is_dir():
     SEED = Path(__file__).resolve().parent.parent / "tests" / "data" / "seed"
 

@@ -25,7 +25,8 @@ RULES_FILE = REPO / "rules" / "gitlab.yaml"
 FIXTURES_FILE = HERE / "fixtures.yaml"
 OVERRIDES_FILE = HERE / "test_overrides.yaml"
 SEED_EXPECTED_FILE = HERE / "seed_expected_alerts.jsonl"
-SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", "/work/shared/seed/jsonmessages"))
+_REPO_SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "gitlab"
+SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", _REPO_SAMPLES))
 SEED_DESTINATION = "gitlab-test"
 DEFAULT_DESTINATION = "gitlab-prod"
 # Fixed receive time (2024-01-01T00:00:00Z) for events whose created_at cannot be used.
