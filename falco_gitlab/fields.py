@@ -8,6 +8,7 @@ out of the result, so Falco sees it as absent (``exists`` works, outputs show ``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ def first_address(ip_address: str | None) -> str | None:
     return first or None
 
 
+@functools.lru_cache(maxsize=65_536)  # parsing an address costs more than all other fields together
 def is_private_address(address: str | None) -> bool | None:
     if address is None:
         return None
