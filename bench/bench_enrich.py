@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CITY_DB = ROOT / "tests" / "data" / "geoip" / "GeoLite2-City-Test.mmdb"
-SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", Path(__file__).resolve().parents[1] / "samples" / "gitlab"))
+_REPO_SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "gitlab"
+SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", _REPO_SAMPLES))
 
 # Addresses the MaxMind City test database knows (IPv4 and IPv6).
 KNOWN = ["81.2.69.142", "81.2.69.160", "2.125.160.216", "89.160.20.112", "89.160.20.128", "216.160.83.56",

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", Path(__file__).resolve().parents[1] / "samples" / "gitlab"))
+_REPO_SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "gitlab"
+SEED_DIR = Path(os.environ.get("FALCO_GITLAB_SEED_DIR", _REPO_SAMPLES))
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GEOIP_DIR = DATA_DIR / "geoip"
 CITY_TEST_DB = GEOIP_DIR / "GeoLite2-City-Test.mmdb"
