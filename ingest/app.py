@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +75,9 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 SNAPSHOT_INTERVAL_S: Final = 2.0
 SNAPSHOT_MAX_AGE_S: Final = 10.0
+# Accepted requests (200/202) are logged one line each at DEBUG only; at INFO a summary of the traffic
+# is logged this often instead (refusals and errors keep one line each at INFO / ERROR).
+TRAFFIC_LOG_INTERVAL_S: Final = 60.0
 # Header names whose values are never logged, even in debug mode (admins can add custom headers).
 _SECRET_HINTS: Final = ("token", "authorization", "secret", "password", "cookie", "key", "signature")
 
@@ -93,6 +96,11 @@ class IngestState:
     slot: str = ""
     stopping: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Requests answered per status, and events accepted, since the last traffic summary.
+    traffic: dict[int, int] = field(default_factory=dict)
+    traffic_events: int = 0
+    # Per destination: its name as bytes, the record header naming it (built once, not per request).
+    destination_headers: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
 
 STATE: Final = web.AppKey("ingest_state", IngestState)
@@ -118,6 +126,7 @@ def create_app(
         dedup=dedup,
         worker_index=worker_index,
         share_metrics=server.workers > 1 if share_metrics is None else share_metrics,
+        destination_headers={d.name: (HDR_DESTINATION, d.name.encode()) for d in destinations},
     )
     app = web.Application(
         # The webhook reads its body itself, bounded; nothing else takes a body.
@@ -184,6 +193,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     if state.share_metrics:
         _spawn(state, _share_metrics(state, base / "metrics"))
+    _spawn(state, _log_traffic(state))
     try:
         yield
     finally:
@@ -214,6 +224,29 @@ async def _share_metrics(state: IngestState, directory: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+async def _log_traffic(state: IngestState) -> None:
+    """Every TRAFFIC_LOG_INTERVAL_S, one INFO line summing up the requests answered (when there were any)."""
+    try:
+        while True:
+            await asyncio.sleep(TRAFFIC_LOG_INTERVAL_S)
+            _flush_traffic(state)
+    finally:
+        _flush_traffic(state)
+
+
+def _flush_traffic(state: IngestState) -> None:
+    traffic, events = state.traffic, state.traffic_events
+    if not traffic:
+        return
+    state.traffic, state.traffic_events = {}, 0
+    access_log.info(
+        "traffic: %d requests, %d events accepted",
+        sum(traffic.values()),
+        events,
+        extra={"statuses": {str(k): v for k, v in sorted(traffic.items())}, "events": events},
+    )
 
 
 # -- health ------------------------------------------------------------------------------------------------
@@ -274,16 +307,27 @@ class _Request:
 
 
 def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web.Response:
-    response = web.Response(status=status, text=_one_line(text) + "\n")
-    response.headers[REQUEST_ID_HEADER] = ctx.request_id
+    response = web.Response(
+        status=status, text=_one_line(text) + "\n", headers={REQUEST_ID_HEADER: ctx.request_id}
+    )
     if close:
         response.force_close()
     name = ctx.destination.name if ctx.destination else "unauthenticated"
-    metrics = ctx.state.metrics
-    metrics.requests.inc(name, str(status))
+    state = ctx.state
+    metrics = state.metrics
+    label = _STATUS_LABELS.get(status) or str(status)
+    metrics.requests.inc(name, label)
     elapsed = time.monotonic() - ctx.started
-    metrics.request_duration.observe(elapsed, str(status))
-    level = logging.INFO if status < 500 else logging.ERROR
+    metrics.request_duration.observe(elapsed, label)
+    traffic = state.traffic
+    traffic[status] = traffic.get(status, 0) + 1
+    # Accepted requests are the bulk of the traffic (one per GitLab event): one line each only at DEBUG,
+    # a periodic summary at INFO. Refusals and errors are logged one by one.
+    level = logging.DEBUG if status < 300 else logging.INFO if status < 500 else logging.ERROR
+    if status < 300:
+        state.traffic_events += ctx.events
+    if not access_log.isEnabledFor(level):
+        return response
     access_log.log(
         level,
         "%s %s %d",
@@ -301,6 +345,9 @@ def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web
         },
     )
     return response
+
+
+_STATUS_LABELS: Final = {code: str(code) for code in (200, 202, 400, 401, 403, 408, 413, 500, 503)}
 
 
 def _peer(request: web.Request) -> str | None:
@@ -322,7 +369,16 @@ class _BodyReader:
 
     @property
     def data(self) -> bytes:
+        if len(self.chunks) == 1 and self.size <= self.limit:
+            return self.chunks[0]
         return b"".join(self.chunks)[: self.limit]
+
+    def add(self, chunk: bytes) -> None:
+        if chunk:
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.too_large = True
 
     async def read(self, request: web.Request) -> None:
         stream = request.content
@@ -330,16 +386,15 @@ class _BodyReader:
             chunk = await stream.readany()
             if not chunk:
                 return
-            self.chunks.append(chunk)
-            self.size += len(chunk)
-            if self.size > self.limit:
-                self.too_large = True
+            self.add(chunk)
+            if self.too_large:
                 return
 
 
 async def _receive(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    ctx = _Request(state, request, uuid.uuid4().hex, time.time_ns(), time.monotonic())
+    # 128 random bits as 32 hex digits (like a UUID's hex, without the cost of building one).
+    ctx = _Request(state, request, os.urandom(16).hex(), time.time_ns(), time.monotonic())
     try:
         return await _handle(ctx)
     except Exception:
@@ -354,18 +409,31 @@ async def _handle(ctx: _Request) -> web.Response:
     if destination is None:
         return _reply(ctx, 401, f"missing or invalid {TOKEN_HEADER}", close=True)
     ctx.destination = destination
-    client = client_address(
-        _peer(request),
-        request.headers.get("X-Forwarded-For"),
-        state.trusted_proxies,
-    )
-    if not network_allowed(client, destination.networks):
-        return _reply(ctx, 403, f"source address {client} is not allowed for this destination", close=True)
+    if destination.networks:
+        client = client_address(
+            _peer(request),
+            request.headers.get("X-Forwarded-For"),
+            state.trusted_proxies,
+        )
+        if not network_allowed(client, destination.networks):
+            return _reply(
+                ctx, 403, f"source address {client} is not allowed for this destination", close=True
+            )
 
     limit = config.server.max_body_bytes
     declared = request.content_length
     reader = _BodyReader(limit)
-    if declared is not None and declared > limit:
+    stream = request.content
+    if (declared is None or declared <= limit) and stream.is_eof():
+        # The usual case: the whole body came with the head, nothing to wait for (no timer needed).
+        try:
+            reader.add(stream.read_nowait(-1))
+        except (RequestPayloadError, ConnectionError) as exc:
+            text = f"request body incomplete: {exc}"
+            if reader.size:
+                await _dead_letter(ctx, reader.data, text, "incomplete")
+            return _reply(ctx, 400, text, close=True)
+    elif declared is not None and declared > limit:
         # Do not wait for megabytes we will refuse: keep what is already here, for the dead letter.
         reader.too_large = True
         with contextlib.suppress(TimeoutError, RequestPayloadError, ConnectionError):
@@ -414,29 +482,32 @@ async def _handle(ctx: _Request) -> web.Response:
 
     header_type = request.headers.get(EVENT_TYPE_HEADER) or None
     single = len(events) == 1 and body.lstrip()[:1] == b"{"
-    received = str(ctx.received_ns).encode()
+    received = (HDR_RECEIVED_AT, str(ctx.received_ns).encode())
     request_id = ctx.request_id.encode()
+    request_header = (HDR_REQUEST_ID, request_id)
+    destination_header = state.destination_headers[destination.name]
+    topic = config.kafka.topic
+    dedup = state.dedup
     records: list[OutRecord] = []
     reserved: list[bytes] = []
     duplicates = 0
     for index, event in enumerate(events):
-        if state.dedup is not None:
+        if dedup is not None:
             key = event.dedup_key(destination.name)
-            if not state.dedup.reserve(key):
+            if not dedup.reserve(key):
                 duplicates += 1
                 continue
             reserved.append(key)
         # The header names the type of a single event; in a batch only each element can say its own.
         event_type = (header_type or event.event_type) if single else event.event_type
-        headers: list[tuple[str, bytes]] = [(HDR_DESTINATION, destination.name.encode())]
-        if event_type:
-            headers.append((HDR_EVENT_TYPE, event_type.encode("utf-8", "replace")))
-        headers += [
-            (HDR_RECEIVED_AT, received),
-            (HDR_REQUEST_ID, request_id),
-            (HDR_EVENT_UID, b"%s.%d" % (request_id, index)),
-        ]
-        records.append(OutRecord(config.kafka.topic, event.key, event.raw, headers))
+        uid = (HDR_EVENT_UID, b"%s.%d" % (request_id, index))
+        headers: list[tuple[str, bytes]] = (
+            [destination_header, (HDR_EVENT_TYPE, event_type.encode("utf-8", "replace")), received,
+             request_header, uid]
+            if event_type
+            else [destination_header, received, request_header, uid]
+        )
+        records.append(OutRecord(topic, event.key, event.raw, headers))
     if duplicates:
         state.metrics.duplicates.inc(destination.name, amount=duplicates)
 
@@ -535,6 +606,7 @@ async def serve(config: IngestConfig, *, worker_index: int = 0, stop: asyncio.Ev
                 "address": f"{server.host}:{server.port}",
                 "tls": ssl_context is not None,
                 "worker": worker_index,
+                "event_loop": type(loop).__module__.split(".")[0],
             },
         )
         await stop.wait()

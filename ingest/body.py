@@ -30,10 +30,16 @@ class _Probe(msgspec.Struct):
     author_name: Any = None
     event_type: Any = None
     created_at: Any = None
-    details: Any = None
+    # Only looked into when the top level has no author name: kept raw (validated, not built).
+    details: msgspec.Raw = msgspec.Raw()
+
+
+class _DetailsProbe(msgspec.Struct):
+    author_name: Any = None
 
 
 _probe_decoder: Final = msgspec.json.Decoder(_Probe)
+_details_decoder: Final = msgspec.json.Decoder(_DetailsProbe)
 _array_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _any_decoder: Final = msgspec.json.Decoder()
 
@@ -53,14 +59,13 @@ class Event:
         seconds, placeholder values), the event type and creation time are part of the key. Without an
         ``id`` the content hash of the event decides.
         """
-        h = hashlib.blake2b(digest_size=16)
-        h.update(destination.encode("utf-8"))
+        # One update of the concatenation: the same digest as feeding the parts one by one.
         if self.event_id is not None:
-            for part in (self.event_type or "", self.event_id, self.created_at or ""):
-                h.update(b"\0" + part.encode("utf-8", "surrogateescape"))
+            text = "\0".join((destination, self.event_type or "", self.event_id, self.created_at or ""))
+            data = text.encode("utf-8", "surrogateescape")
         else:
-            h.update(b"\1" + self.raw.strip(_WHITESPACE))
-        return h.digest()
+            data = destination.encode("utf-8") + b"\1" + self.raw.strip(_WHITESPACE)
+        return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _text(value: Any) -> str | None:
@@ -95,10 +100,14 @@ def _probe(raw: bytes, where: str) -> Event:
     except msgspec.ValidationError:
         # Not an object after all (cannot happen after the first-byte check, but stay exact).
         raise BodyError(f"{where} is not a JSON object") from None
-    details = probe.details if isinstance(probe.details, dict) else {}
     name = probe.author_name if isinstance(probe.author_name, str) and probe.author_name else None
-    if name is None and isinstance(details.get("author_name"), str):
-        name = details["author_name"]
+    if name is None and probe.details:
+        try:
+            nested = _details_decoder.decode(probe.details).author_name
+        except msgspec.ValidationError:  # details is not an object
+            nested = None
+        if isinstance(nested, str):
+            name = nested
     author_id = probe.author_id if isinstance(probe.author_id, int | str) else None
     if isinstance(author_id, bool):
         author_id = None
@@ -115,6 +124,15 @@ def _probe(raw: bytes, where: str) -> Event:
 
 def split_body(body: bytes) -> list[Event]:
     """The events of a request body; raises BodyError with a one-line reason."""
+    try:
+        return _split_body(body)
+    except RecursionError:
+        # msgspec refuses JSON nested deeper than the interpreter's recursion limit (RecursionError, not
+        # DecodeError): a malformed body like any other, never a 500.
+        raise BodyError("body is not valid JSON: nested too deeply") from None
+
+
+def _split_body(body: bytes) -> list[Event]:
     stripped = body.lstrip(_WHITESPACE)
     if not stripped:
         raise BodyError("empty body: expected a JSON object or array")

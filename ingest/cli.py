@@ -111,7 +111,8 @@ def _summary(config: Any) -> str:
     server, kafka, spool = config.server, config.kafka, config.spool
     tls = build_ssl_context(server.tls)  # loads the certificate and key: a bad pair fails here
     lines = [
-        f"listen      {server.host}:{server.port} ({'https' if tls else 'http'}), {server.workers} worker(s)",
+        f"listen      {server.host}:{server.port} ({'https' if tls else 'http'}), {server.workers} worker(s),"
+        f" event loop {'uvloop' if loop_factory(server.event_loop) else 'asyncio'}",
         f"kafka       {kafka.bootstrap_servers} -> {kafka.topic} (dead letters: {kafka.dlq_topic}),"
         f" publish timeout {kafka.publish_timeout_s:g} s",
         f"spool       {spool.dir} (max {spool.max_bytes} bytes per worker, fsync {spool.fsync})",
@@ -151,14 +152,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_worker(config: Any, worker_index: int) -> int:
-    import asyncio
     import logging
 
     from falco_gitlab.config import ConfigError
     from ingest.app import serve
 
     try:
-        asyncio.run(serve(config, worker_index=worker_index))
+        run_async(serve(config, worker_index=worker_index), config.server.event_loop)
     except ConfigError as exc:
         print(f"falco-gitlab ingest: {exc}", file=sys.stderr)
         return 2
@@ -166,6 +166,39 @@ def _run_worker(config: Any, worker_index: int) -> int:
         logging.getLogger("ingest").error("cannot serve", extra={"error": str(exc)})
         return 1
     return 0
+
+
+def loop_factory(choice: str = "auto") -> Any:
+    """The event loop factory for ``server.event_loop``: uvloop's for "uvloop" (and for "auto" when
+    uvloop is installed), None for the standard asyncio loop."""
+    from falco_gitlab.config import ConfigError
+
+    if choice == "asyncio":
+        return None
+    import importlib
+
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "config error: `server.event_loop` is uvloop but uvloop is not installed"
+            ) from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run_async(coro: Any, event_loop: str = "auto") -> Any:
+    """Run ``coro`` to completion on the event loop ``server.event_loop`` asks for."""
+    import asyncio
+
+    try:
+        factory = loop_factory(event_loop)
+    except BaseException:
+        coro.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def _child_args(args: argparse.Namespace, index: int) -> list[str]:

@@ -79,6 +79,9 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_timeout_s: float = 10.0
     # Log every received body (and the non-secret headers) at INFO, like the original plugin's DebugJSON.
     debug_json: bool = False
+    # The asyncio event loop: "auto" = uvloop when it is installed (faster sockets and timers), else the
+    # standard loop; "asyncio" forces the standard loop; "uvloop" requires uvloop.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
 
 

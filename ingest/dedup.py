@@ -12,6 +12,7 @@ caught too, since the first reservation already counts.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,27 +28,38 @@ class DedupWindow:
         self._window = window_s
         self._clock = clock
         self._seen: OrderedDict[bytes, float] = OrderedDict()  # key -> time first accepted, oldest first
+        # When the oldest entry leaves the window (no expiry work per call before that).
+        self._next_expiry = math.inf
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def _expire(self, now: float) -> None:
+        if now < self._next_expiry:
+            return
         seen = self._seen
         limit = now - self._window
         while seen:
             stamp = next(iter(seen.values()))
-            if stamp > limit and len(seen) <= self._max:
-                break
+            if stamp > limit:
+                self._next_expiry = stamp + self._window
+                return
             seen.popitem(last=False)
+        self._next_expiry = math.inf
 
     def reserve(self, key: bytes) -> bool:
         """True (and remembered) if ``key`` is new in the window; False for a duplicate."""
         now = self._clock()
         self._expire(now)
-        if key in self._seen:
+        seen = self._seen
+        if key in seen:
             return False
-        self._seen[key] = now
-        self._expire(now)
+        if not seen:
+            self._next_expiry = now + self._window
+        seen[key] = now
+        if len(seen) > self._max:
+            seen.popitem(last=False)  # the oldest; the rest is within the window (expired above)
+            self._next_expiry = next(iter(seen.values())) + self._window
         return True
 
     def release(self, key: bytes) -> None:

@@ -8,6 +8,7 @@ siblings (counters and histograms are summed, gauges combined as each gauge says
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import os
@@ -79,8 +80,13 @@ class Counter(Metric):
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
+        values = self._values
+        # Fast path (every request): labels already seen are str tuples, the key as given.
+        if labels in values:
+            values[labels] += amount
+            return
         key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        values[key] = values.get(key, 0.0) + amount
 
     def value(self, *labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
@@ -145,16 +151,14 @@ class Histogram(Metric):
         self._values: dict[LabelValues, list[float]] = {}
 
     def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
-        row = self._values.get(key)
+        row = self._values.get(labels)
         if row is None:
-            row = self._values[key] = [0.0] * (len(self.buckets) + 2)
-        index = len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                index = i
-                break
-        row[index] += 1
+            key = self._key(labels)
+            row = self._values.get(key)
+            if row is None:
+                row = self._values[key] = [0.0] * (len(self.buckets) + 2)
+        # The first bucket whose bound is >= value (len(buckets): the +Inf bucket).
+        row[bisect.bisect_left(self.buckets, value)] += 1
         row[-1] += value
 
     def count(self, *labels: str) -> float:

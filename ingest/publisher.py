@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    RecordTooLargeError,
+    UnknownProducerId,
+)
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 
 from falco_gitlab.config import read_secret
 from ingest.config import KafkaSettings
@@ -25,6 +36,13 @@ DeliveryFuture = asyncio.Future[Any]
 
 # Errors after which retrying the same record can never succeed.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (MessageSizeTooLargeError, RecordTooLargeError)
+# Errors after which the producer itself can never deliver again: its idempotence state (producer id,
+# epoch, sequence numbers) is out of step with the broker's (seen after a broker restart under load:
+# every later send fails with OutOfOrderSequenceNumber). aiokafka does not reset it (no KIP-360): the
+# producer must be replaced; a new one gets a new producer id.
+FATAL_PRODUCER_ERRORS: tuple[type[BaseException], ...] = (
+    OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerFenced,
+)
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -36,11 +54,36 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
 
 
+class CachingPartitioner:
+    """aiokafka's default partitioner (murmur2 of the key, as the Java client: the same key always lands
+    on the same partition), remembering the partition of recent keys: murmur2 is pure Python in aiokafka
+    (~10 us per record) and the same actors send again and again."""
+
+    def __init__(self, max_entries: int = 65_536) -> None:
+        self._default = DefaultPartitioner()
+        self._cache: dict[tuple[bytes, int], int] = {}
+        self._max_entries = max_entries
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            partition: int = self._default(key, all_partitions, available)
+            return partition
+        # The partition depends on the key and the partition list (0..n-1, n only grows).
+        slot = (key, len(all_partitions))
+        partition = self._cache.get(slot, -1)
+        if partition < 0:
+            if len(self._cache) >= self._max_entries:
+                self._cache.clear()
+            partition = self._cache[slot] = self._default(key, all_partitions, available)
+        return partition
+
+
 class KafkaPublisher:
     def __init__(self, settings: KafkaSettings, max_request_size: int) -> None:
         self._settings = settings
         self._max_request_size = max_request_size
         self._producer: Any = None
+        self._failed_producer: Any = None  # the producer that reported a FATAL_PRODUCER_ERRORS error
 
     def _producer_kwargs(self) -> dict[str, Any]:
         s = self._settings
@@ -56,6 +99,7 @@ class KafkaPublisher:
             "request_timeout_ms": s.request_timeout_ms,
             "compression_type": s.compression_type,
             "security_protocol": sec.protocol,
+            "partitioner": CachingPartitioner(),
         }
         if sec.protocol in ("SSL", "SASL_SSL"):
             context = create_ssl_context(
@@ -77,9 +121,12 @@ class KafkaPublisher:
 
     @property
     def broken(self) -> bool:
-        """The producer's background sender died (all its sends fail): it must be replaced."""
+        """The producer's background sender died, or a send failed with an error after which none can
+        succeed (all its sends fail): it must be replaced."""
         if self._producer is None:
             return False
+        if self._producer is self._failed_producer:
+            return True
         sender = getattr(self._producer, "_sender", None)
         task = getattr(sender, "sender_task", None)
         return task is not None and task.done()
@@ -105,10 +152,20 @@ class KafkaPublisher:
         """
         if self._producer is None:
             raise KafkaConnectionError("the Kafka producer is not started")
-        future: DeliveryFuture = await self._producer.send(
-            record.topic, value=record.value, key=record.key, headers=list(record.headers)
+        producer = self._producer
+        future: DeliveryFuture = await producer.send(
+            record.topic, value=record.value, key=record.key, headers=record.headers
         )
+        future.add_done_callback(functools.partial(self._check_fatal, producer))
         return future
+
+    def _check_fatal(self, producer: Any, future: DeliveryFuture) -> None:
+        if future.cancelled() or producer is not self._producer:
+            return
+        error = future.exception()
+        if isinstance(error, FATAL_PRODUCER_ERRORS) and self._failed_producer is not producer:
+            self._failed_producer = producer
+            log.warning("kafka: the producer cannot deliver any more", extra={"error": describe(error)})
 
     async def close(self, wait_s: float) -> None:
         """Wait up to ``wait_s`` for records in flight, then close.
