@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import kafka_broker  # noqa: E402
 
 from falco_gitlab.fields import CATALOGUE  # noqa: E402
 from tests.plugin_support import (  # noqa: E402
@@ -45,15 +47,6 @@ from tests.plugin_support import (  # noqa: E402
 ALL_FIELDS = [f.qualified for f in CATALOGUE if f.arg is None] + ["gitlab.value[details.custom_message]"]
 RULE_FIELDS = ["gitlab.event_type", "gitlab.author_name", "gitlab.ip_address", "gitlab.country",
                "gitlab.entity_path"]
-
-
-def bootstrap_address() -> str:
-    address = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if address:
-        return address
-    from falco_gitlab.devkafka import LocalKafka
-
-    return LocalKafka().start()
 
 
 def records(count: int) -> list[bytes]:
@@ -78,10 +71,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the best is reported")
     args = parser.parse_args()
 
-    bootstrap = bootstrap_address()
     values = records(args.records)
     payload_bytes = sum(len(v) for v in values)
-    with tempfile.TemporaryDirectory(prefix="bench-plugin-") as work:
+    # The broker (KAFKA_BOOTSTRAP_SERVERS, else the project's own in the work dir) goes with the bench.
+    with tempfile.TemporaryDirectory(prefix="bench-plugin-") as work, kafka_broker(Path(work)) as broker:
+        bootstrap = broker.bootstrap
         directory = Path(work)
         t0 = time.monotonic()
         library = build_library(directory)
