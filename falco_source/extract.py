@@ -218,7 +218,9 @@ class Extractor:
             if self._document is _UNSET:
                 try:
                     self._document = _json_decode(self.record.raw)
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                    # Raw bytes that are not usable JSON (enrich only vets the fields it reads): every
+                    # path is absent, which is what a rule should see, not an internal error.
                     self._document = None
             if self._document is not None:
                 text = lookup_path(self._document, path)

@@ -55,7 +55,7 @@ HOSTILE_FIELDS: dict[str, bytes] = {
     "raw empty": record({"event_type": "x"}, raw=b""),
     "raw scalar path": record({"event_type": "x"}, raw=b'{"details":{"q":[1,{"x":null},true]}}'),
 }
-# Raw bytes msgspec refuses with something else than DecodeError (see the xfail test below).
+# Raw bytes msgspec refuses with something else than DecodeError (UnicodeDecodeError, RecursionError).
 HOSTILE_RAW: dict[str, bytes] = {
     "raw invalid UTF-8": record({"event_type": "x"}, raw=b'{"details":{"q":"\xff\xfe"}}'),
     "raw deeply nested": record({"event_type": "x"},
@@ -118,10 +118,6 @@ def test_hostile_enriched_records_never_break_extraction(
             "no failure")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (plugin, reported): gitlab.value[...] on a record whose raw bytes msgspec refuses with "
-    "UnicodeDecodeError or RecursionError (not DecodeError) logs an ERROR 'internal error in "
-    "extract_fields' with a traceback and sets the last error, on every extraction of that event"))
 def test_unparseable_raw_makes_value_fields_absent_without_internal_errors(
     plugin: tuple[Path, Path], tmp_path: Path
 ) -> None:
