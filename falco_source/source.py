@@ -23,7 +23,7 @@ from typing import Any, Final
 import msgspec
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
-from falco_gitlab.model import EnrichedRecord, decode_enriched
+from falco_gitlab.model import ENRICHED_SCHEMA_VERSION, EnrichedRecord, decode_enriched
 from falco_source.config import ConfigError, PluginConfig, broker_list, consumer_properties
 from falco_source.hostlog import SEV_WARNING, HostLog, KafkaLogger
 from falco_source.params import OpenParams
@@ -38,6 +38,8 @@ PPME_PLUGINEVENT_E: Final = 322
 HEADER: Final = struct.Struct("<QQIHIIII")  # ts, tid, len, type, nparams, len(id)=4, len(payload), id
 HEADER_LEN: Final = HEADER.size  # 38
 NO_VALUE: Final = 0xFFFF_FFFF_FFFF_FFFF  # ts "now" / tid "no thread"
+# decode_enriched without the call around it (next_batch checks the version itself)
+_decode_record: Final = msgspec.msgpack.Decoder(EnrichedRecord).decode
 
 
 # (rc, packed events, offset of each event, the decoded record of each event)
@@ -209,13 +211,12 @@ class KafkaSource:
 
     def next_batch(self, batch_size: int) -> Batch:
         """(rc, events, offset of each event in events, its decoded record). SUCCESS only with events."""
-        buf = bytearray()
         offsets: array[int] = array("I")
         records: list[EnrichedRecord] = []
         if self._fatal is not None:
             raise SourceError(self._fatal)
         if self.replay and not self._remaining:
-            return RC_EOF, buf, offsets, records
+            return RC_EOF, bytearray(), offsets, records
         if not self.replay:
             self._committable.update(self._inflight)
             self._inflight.clear()
@@ -229,7 +230,14 @@ class KafkaSource:
         if self._fatal is not None:
             raise SourceError(self._fatal)
 
-        counters = self.counters
+        # The batch is built as a list of parts (header, value, header, value, ...) joined once at
+        # the end: one copy of each value, no reallocation of a growing buffer.
+        parts: list[bytes] = []
+        add_part = parts.append
+        add_offset = offsets.append
+        add_record = records.append
+        decode = _decode_record
+        header = HEADER.pack
         max_payload = self._max_payload
         plugin_id = self.plugin_id
         replay = self.replay
@@ -237,17 +245,12 @@ class KafkaSource:
         remaining = self._remaining
         inflight = self._inflight
         pos = self._pos
-        header = HEADER.pack
+        position = 0
         for message in messages:
-            error = message.error()
-            partition = message.partition()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    if replay and partition in remaining:
-                        self._finish(partition)
-                    continue
-                self._kafka_error(error)
+            if message.error() is not None:
+                self._message_error(message)
                 continue
+            partition = message.partition()
             offset = message.offset()
             if replay:
                 if partition not in remaining:
@@ -259,47 +262,68 @@ class KafkaSource:
             else:
                 inflight[partition] = offset + 1
             value = message.value()
-            size = len(value) if value is not None else -1
-            if size > max_payload:
-                counters.dropped_oversized += 1
-                self.log.limited(
-                    "oversized", SEV_WARNING,
-                    f"dropped record {self.topic}/{partition}/{offset}: {size} bytes is more than "
-                    f"max_event_size {self.config.max_event_size} allows",
-                )
+            try:
+                record = decode(value) if value is not None and len(value) <= max_payload else None
+            except msgspec.MsgspecError:
+                record = None
+            if record is not None and record.version <= ENRICHED_SCHEMA_VERSION:
+                size = len(value)
+                ts = record.ts
+                add_record(record)
+                add_offset(position)
+                position += HEADER_LEN + size
+                add_part(header(
+                    ts if 0 < ts < NO_VALUE else NO_VALUE, NO_VALUE, HEADER_LEN + size,
+                    PPME_PLUGINEVENT_E, 2, 4, size, plugin_id,
+                ))
+                add_part(value)
             else:
-                try:
-                    if value is None:
-                        raise ValueError("record has no value (tombstone)")
-                    record = decode_enriched(value)
-                except (msgspec.MsgspecError, ValueError) as exc:
-                    counters.dropped_malformed += 1
-                    self.log.limited(
-                        "malformed", SEV_WARNING,
-                        f"dropped record {self.topic}/{partition}/{offset}: not an enriched record: {exc}",
-                    )
-                else:
-                    records.append(record)
-                    ts = record.ts
-                    offsets.append(len(buf))
-                    buf += header(
-                        ts if 0 < ts < NO_VALUE else NO_VALUE, NO_VALUE, HEADER_LEN + size,
-                        PPME_PLUGINEVENT_E, 2, 4, size, plugin_id,
-                    )
-                    buf += value
+                self._drop(partition, offset, value)
             if replay and offset + 1 >= end[partition]:
                 self._finish(partition)
 
         count = len(offsets)
         if count:
-            counters.delivered += count
-            return RC_SUCCESS, buf, offsets, records
+            self.counters.delivered += count
+            return RC_SUCCESS, bytearray().join(parts), offsets, records
         if replay:
             if not messages and remaining:
                 self._check_positions()
             if not remaining:
-                return RC_EOF, buf, offsets, records
-        return RC_TIMEOUT, buf, offsets, records
+                return RC_EOF, bytearray(), offsets, records
+        return RC_TIMEOUT, bytearray(), offsets, records
+
+    def _message_error(self, message: Any) -> None:
+        error = message.error()
+        if error.code() == KafkaError._PARTITION_EOF:
+            partition = message.partition()
+            if self.replay and partition in self._remaining:
+                self._finish(partition)
+            return
+        self._kafka_error(error)
+
+    def _drop(self, partition: int, offset: int, value: bytes | None) -> None:
+        """Count and log a record next_batch does not deliver (the slow path of next_batch)."""
+        size = len(value) if value is not None else -1
+        if size > self._max_payload:
+            self.counters.dropped_oversized += 1
+            self.log.limited(
+                "oversized", SEV_WARNING,
+                f"dropped record {self.topic}/{partition}/{offset}: {size} bytes is more than "
+                f"max_event_size {self.config.max_event_size} allows",
+            )
+            return
+        try:
+            if value is None:
+                raise ValueError("record has no value (tombstone)")
+            decode_enriched(value)  # raises the error that explains why it is not a record
+            raise ValueError("not a supported enriched record")  # pragma: no cover - defensive
+        except (msgspec.MsgspecError, ValueError) as exc:
+            self.counters.dropped_malformed += 1
+            self.log.limited(
+                "malformed", SEV_WARNING,
+                f"dropped record {self.topic}/{partition}/{offset}: not an enriched record: {exc}",
+            )
 
     def _finish(self, partition: int) -> None:
         self._remaining.discard(partition)
