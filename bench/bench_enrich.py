@@ -31,6 +31,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,10 +160,12 @@ async def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         inner = passthrough_transform
     started: list[float] = []
+    calls = [0]
 
     def transform(value: bytes | None, headers: Any, timestamp_ms: int) -> bytes:
         if not started:
             started.extend((time.perf_counter(), _cpu()))
+        calls[0] += 1
         return inner(value, headers, timestamp_ms)
 
     worker = Worker(config, transform, transactional_id=f"bench-{args.group}")
@@ -179,6 +182,7 @@ async def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "mode": args.mode, "events": counters.records_in, "enriched": counters.enriched, "dlq": counters.dlq,
         "duplicates": counters.duplicates, "batches": counters.batches, "aborted": counters.aborted,
+        "rewound": counters.rewound, "transforms": calls[0],
         "seconds": ended - started[0] if started else float("nan"),
         "cpu_seconds": cpu_end - started[1] if started else float("nan"),
     }
@@ -227,7 +231,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2,
-                        help="alternate the workers this many times and keep each one's best run")
+                        help="alternate the workers this many times; medians (and best runs) reported")
     parser.add_argument("--profile", metavar="PREFIX", help="write cProfile output of each worker run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     # child mode (internal)
@@ -282,22 +286,28 @@ def main() -> int:
 
 
 def print_table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
-    def best(mode: str) -> dict[str, Any]:
-        return max(results[mode], key=lambda r: r["events"] / r["seconds"])
+    def rate(run: dict[str, Any]) -> float:
+        return float(run["events"] / run["seconds"])
 
-    rows = {mode: best(mode) for mode in results}
+    def cpu(run: dict[str, Any]) -> float:
+        return float(1e6 * run["cpu_seconds"] / run["events"])
+
     print(f"\none worker, {args.events} events, batch {args.batch_size}, {args.partitions} partitions, "
-          f"best of {args.rounds} run(s); cpu_count={os.cpu_count()}")
-    print(f"{'worker':<16}{'events':>9}{'seconds':>10}{'events/s':>11}{'CPU µs/event':>15}{'DLQ':>6}")
+          f"{args.rounds} round(s): median (best); cpu_count={os.cpu_count()}")
+    print(f"{'worker':<16}{'events/s':>17}{'CPU µs/event':>19}{'DLQ':>6}")
     for mode, label in LABELS.items():
-        if mode not in rows:
+        if mode not in results:
             continue
-        r = rows[mode]
-        print(f"{label:<16}{r['events']:>9}{r['seconds']:>10.2f}{r['events'] / r['seconds']:>11.0f}"
-              f"{1e6 * r['cpu_seconds'] / r['events']:>15.1f}{r['dlq']:>6}")
-    ratio = (rows["enrich"]["events"] / rows["enrich"]["seconds"]) / (
-        rows["passthrough"]["events"] / rows["passthrough"]["seconds"])
-    print(f"ratio enrich / pass-through (events/s): {ratio:.0%}")
+        runs = results[mode]
+        print(f"{label:<16}{statistics.median(map(rate, runs)):>9.0f} ({max(map(rate, runs)):>5.0f})"
+              f"{statistics.median(map(cpu, runs)):>12.1f} ({min(map(cpu, runs)):>4.1f})"
+              f"{runs[0]['dlq']:>6}")
+    enrich_rates, pass_rates = list(map(rate, results["enrich"])), list(map(rate, results["passthrough"]))
+    per_round = [e / p for e, p in zip(enrich_rates, pass_rates, strict=True)]
+    of_medians = statistics.median(enrich_rates) / statistics.median(pass_rates)
+    print(f"ratio enrich / pass-through (events/s): {of_medians:.0%} of the medians, "
+          f"{statistics.median(per_round):.0%} median of the rounds, "
+          f"{max(enrich_rates) / max(pass_rates):.0%} of the best")
 
 
 if __name__ == "__main__":

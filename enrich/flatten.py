@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Final
 
 import msgspec
 
-from falco_gitlab.fields import FieldContext, compute_fields
-from falco_gitlab.model import ENRICHED_SCHEMA_VERSION, EnrichedRecord, GeoInfo, decode_event
+from falco_gitlab.fields import compute_event_fields, effective_ip_address, first_address
+from falco_gitlab.model import ENRICHED_SCHEMA_VERSION, EnrichedRecord, FieldValue, GeoInfo, decode_event
 
 GeoLookup = Callable[[str], GeoInfo | None]
 
@@ -34,6 +35,35 @@ def flatten(
     geo: GeoLookup | None = None,
 ) -> EnrichedRecord:
     """Decode, compute every catalogue field and geolocate; raises MalformedEvent with the reason."""
+    ts, fields = enrich_event(raw, destination, header_event_type, received_at_ns, geo)
+    return EnrichedRecord(ENRICHED_SCHEMA_VERSION, ts, fields, raw)
+
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_encode_array: Final = _encoder.encode
+
+
+def flatten_encoded(
+    raw: bytes,
+    destination: str | None,
+    header_event_type: str | None,
+    received_at_ns: int,
+    geo: GeoLookup | None = None,
+) -> bytes:
+    """``encode_enriched(flatten(...))`` without the intermediate record (the same bytes: an
+    array-like struct is encoded as the array of its fields)."""
+    ts, fields = enrich_event(raw, destination, header_event_type, received_at_ns, geo)
+    return _encode_array((ENRICHED_SCHEMA_VERSION, ts, fields, raw))
+
+
+def enrich_event(
+    raw: bytes,
+    destination: str | None,
+    header_event_type: str | None,
+    received_at_ns: int,
+    geo: GeoLookup | None = None,
+) -> tuple[int, dict[str, FieldValue]]:
+    """The event time and the fields of one raw event (see ``flatten``)."""
     try:
         event = decode_event(raw)
     except msgspec.ValidationError as exc:
@@ -43,16 +73,22 @@ def flatten(
     if not (event.event_type or header_event_type):
         raise MalformedEvent("no event_type in the body and no X-Gitlab-Audit-Event-Type header")
 
-    ctx = FieldContext(event, destination=destination, header_event_type=header_event_type)
+    # What a FieldContext would hold, without making one (compute_event_fields takes the parts).
+    ip_address = effective_ip_address(event)
+    client_ip = first_address(ip_address)
+    errors: list[str] = []
     ts = received_at_ns
-    if event.created_at:
+    created_at = event.created_at
+    if created_at:
         try:
-            ts = parse_created_at(event.created_at)
+            ts = parse_created_at(created_at)
         except ValueError:
-            ctx.errors.append(f"unparseable created_at {event.created_at!r}; using receive time")
-    if geo is not None and ctx.client_ip is not None:
+            errors.append(f"unparseable created_at {created_at!r}; using receive time")
+    info = None
+    if geo is not None and client_ip is not None:
         try:
-            ctx.geo = geo(ctx.client_ip)
+            info = geo(client_ip)
         except ValueError:
-            ctx.errors.append(f"cannot geolocate {ctx.client_ip!r}: not an IP address")
-    return EnrichedRecord(version=ENRICHED_SCHEMA_VERSION, ts=ts, fields=compute_fields(ctx), raw=raw)
+            errors.append(f"cannot geolocate {client_ip!r}: not an IP address")
+    fields = compute_event_fields(event, destination, header_event_type, ip_address, client_ip, info, errors)
+    return ts, fields

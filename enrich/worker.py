@@ -25,11 +25,19 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError, KafkaError, ProducerFenced, RecordTooLargeError
+from aiokafka.errors import (
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordTooLargeError,
+)
+from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from enrich.config import EnrichConfig, KafkaSettings
 from enrich.dlq import dlq_headers
-from enrich.flatten import GeoLookup, MalformedEvent, flatten
+from enrich.flatten import GeoLookup, MalformedEvent, flatten_encoded
 from enrich.metrics import Counters
 from falco_gitlab.contract import (
     HDR_DESTINATION,
@@ -37,7 +45,6 @@ from falco_gitlab.contract import (
     HDR_EVENT_UID,
     HDR_RECEIVED_AT,
 )
-from falco_gitlab.model import encode_enriched
 
 log = logging.getLogger("enrich.worker")
 
@@ -54,6 +61,9 @@ MAX_RESTARTS: Final = 8
 RESTART_WINDOW_S: Final = 300.0
 # How long a worker handing partitions over waits for its last committed offsets to become visible.
 OFFSETS_VISIBLE_TIMEOUT_S: Final = 5.0
+# Record keys whose output partition is remembered (actor keys: a few per active user).
+_PARTITION_CACHE_SIZE: Final = 65_536
+_estimate_size: Final = DefaultRecordBatchBuilder.estimate_size_in_bytes
 
 
 class FatalWorkerError(Exception):
@@ -80,9 +90,7 @@ def enrich_transform(geo: GeoLookup | None) -> Transform:
         received_at_ns = timestamp_ms * 1_000_000 if timestamp_ms >= 0 else time.time_ns()
         if received is not None and received.isdigit():
             received_at_ns = int(received)
-        record = flatten(value, destination=destination, header_event_type=event_type,
-                         received_at_ns=received_at_ns, geo=geo)
-        return encode_enriched(record)
+        return flatten_encoded(value, destination, event_type, received_at_ns, geo)
 
     return transform
 
@@ -217,6 +225,9 @@ class Worker:
         # True from partitions revoked until the new assignment: no batch may be processed then.
         self._rebalancing = True
         self._log_failures_until = 0.0
+        # Output partition of each record key (see _partitioner), for one topic and partition list.
+        self._partition_cache_for: tuple[str, tuple[int, ...]] | None = None
+        self._partition_cache: dict[bytes, int] = {}
 
     @property
     def assigned_partitions(self) -> frozenset[TopicPartition]:
@@ -611,32 +622,106 @@ class Worker:
             if uids:
                 staged[tp] = uids
 
-        send = self._producer.send
+        # Enriched records go into one batch per output partition, sent whole (send_batch): the
+        # producer's per-record send costs more than a small event's enrichment (a pure-Python key
+        # hash, two coroutines and a future per record). Partitions are the default partitioner's.
+        producer = self._producer
         output_topic = self.config.kafka.output_topic
-        pending: list[tuple[Any, TopicPartition, int]] = []
+        partition_of: Callable[[bytes], int] | None = None
+        resolved = False  # partition_of looked up (on the first enriched record: a batch of dead
+        # letters only must not depend on the output topic)
+        # output partition -> [batch, input partition and offset of its first record, record count]
+        open_batches: dict[int, list[Any]] = {}
+        # (future, input partition, input offset: None for a batch of several records)
+        pending: list[tuple[Any, TopicPartition, int | None]] = []
         n_out = n_dlq = 0
         for record, tp, value, reason in prepared:
             if value is not None:
-                try:
-                    future = await send(output_topic, value, key=record.key, headers=list(record.headers))
-                except KafkaError as exc:
-                    if not (isinstance(exc, RecordTooLargeError)
-                            or getattr(exc, "errno", None) in _RECORD_ERRNOS):
-                        raise
-                    reason = f"enriched record too large for the producer: {exc}"
+                key = record.key
+                headers = list(record.headers)
+                if not resolved:
+                    partition_of, resolved = await self._partitioner(output_topic), True
+                if key is not None and partition_of is not None:
+                    reason = self._too_large(key, value, headers)
+                    if reason is None:
+                        partition = partition_of(key)
+                        entry = open_batches.get(partition)
+                        if entry is not None and entry[0].append(timestamp=None, key=key, value=value,
+                                                                 headers=headers) is not None:
+                            entry[3] += 1
+                        else:
+                            if entry is not None:  # full: send it, start the next one
+                                pending.append(await self._send_batch(entry, output_topic, partition))
+                            builder = producer.create_batch()
+                            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                                raise RuntimeError("an empty producer batch refused a record")
+                            open_batches[partition] = [builder, tp, record.offset, 1]
+                        n_out += 1
+                        continue
                 else:
-                    pending.append((future, tp, record.offset))
-                    n_out += 1
-                    continue
+                    try:
+                        future = await producer.send(output_topic, value, key=key, headers=headers)
+                    except KafkaError as exc:
+                        if not (isinstance(exc, RecordTooLargeError)
+                                or getattr(exc, "errno", None) in _RECORD_ERRNOS):
+                            raise
+                        reason = f"enriched record too large for the producer: {exc}"
+                    else:
+                        pending.append((future, tp, record.offset))
+                        n_out += 1
+                        continue
             pending.append((await self._send_dead_letter(record, tp, reason or "no reason"), tp,
                             record.offset))
             n_dlq += 1
+        for partition, entry in open_batches.items():
+            pending.append(await self._send_batch(entry, output_topic, partition))
         if pending:
             results = await asyncio.gather(*(p[0] for p in pending), return_exceptions=True)
             for result, (_, tp, offset) in zip(results, pending, strict=True):
                 if isinstance(result, BaseException):
                     raise _ProduceFailed(result, tp, offset)
         return staged, offsets, (n_in, n_out, n_dlq, n_dup)
+
+    async def _send_batch(self, entry: list[Any], topic: str,
+                          partition: int) -> tuple[Any, TopicPartition, int | None]:
+        builder, tp, offset, count = entry
+        builder.close()  # complete: no lingering
+        future = await self._producer.send_batch(builder, topic, partition=partition)
+        return future, tp, offset if count == 1 else None
+
+    def _too_large(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> str | None:
+        """The dead-letter reason for a record the producer's ``send`` would refuse (``max_request_size``),
+        worded like it; ``send_batch`` does not check."""
+        size = _estimate_size(key, value, headers)
+        if size <= self.config.kafka.max_request_size:
+            return None
+        exc = MessageSizeTooLargeError(
+            f"The message is {size} bytes when serialized which is larger than the maximum request size "
+            "you have configured with the max_request_size configuration")
+        return f"enriched record too large for the producer: {exc}"
+
+    async def _partitioner(self, topic: str) -> Callable[[bytes], int] | None:
+        """key -> partition of ``topic`` as the producer's default partitioner picks it (murmur2 of the
+        key over the partitions sorted by id), cached per key; None while the topic has no metadata."""
+        partitions = await self._producer.partitions_for(topic)
+        if not partitions:
+            return None
+        ordered = tuple(sorted(partitions))
+        if self._partition_cache_for != (topic, ordered):
+            self._partition_cache_for = (topic, ordered)
+            self._partition_cache = {}
+        cache = self._partition_cache
+        count = len(ordered)
+
+        def partition_of(key: bytes) -> int:
+            partition = cache.get(key)
+            if partition is None:
+                if len(cache) >= _PARTITION_CACHE_SIZE:
+                    cache.clear()
+                partition = cache[key] = ordered[(murmur2(key) & 0x7FFFFFFF) % count]
+            return partition
+
+        return partition_of
 
     async def _send_dead_letter(self, record: ConsumerRecord, tp: TopicPartition, reason: str) -> Any:
         value = record.value

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaTimeoutError
+from aiokafka.partitioner import DefaultPartitioner
 
 from enrich.config import EnrichConfig, KafkaSettings, MetricsSettings, ProcessingSettings
 from enrich.geo import GeoIP
@@ -276,6 +277,38 @@ async def test_a_record_too_large_for_the_enriched_topic_goes_to_the_dlq(
         assert reason.startswith("enriched record too large for the producer: "), reason
         assert worker.counters.aborted == 0
     assert dict(dead[0].headers)["dlq-source"] == f"{topics.raw}/0/7".encode()
+
+
+async def test_enriched_records_keep_the_default_partitioning(enrich_bootstrap: str) -> None:
+    """The worker fills one producer batch per output partition itself: every key must land on the
+    partition aiokafka's default partitioner picks (in order per key), including when a batch fills up
+    mid-transaction; records without a key take the producer's own path."""
+    topics = Topics(unique("raw"), unique("enriched"), unique("dlq"))
+    await create_topics(enrich_bootstrap, [topics.raw, topics.dlq])
+    await create_topics(enrich_bootstrap, [topics.out], 3)
+    keys = [b"id:%d" % (n % 9) if n % 10 else None for n in range(120)]
+    await produce(enrich_bootstrap, topics.raw,
+                  [(key, numbered_event(n), raw_headers(n)) for n, key in enumerate(keys)])
+    config = worker_config(enrich_bootstrap, topics, unique("group"), batch_size=50)
+    config.kafka.max_batch_size = 2000  # a few records per producer batch
+    worker = Worker(config, enrich_transform(None), transactional_id=unique("txn"))
+    try:
+        async with running(worker):
+            records = await consume_all(enrich_bootstrap, topics.out, 120, timeout=60, settle=2)
+    finally:
+        await delete_topics(enrich_bootstrap, [topics.raw, topics.out, topics.dlq])
+    assert sorted(int(n) for n in enriched_ids(records)) == list(range(120))
+    default = DefaultPartitioner()
+    by_key: dict[bytes, list[int]] = {}
+    for record in records:
+        if record.key is not None:
+            assert record.partition == default(record.key, [0, 1, 2], [0, 1, 2]), record.key
+            by_key.setdefault(record.key, []).append(int(enriched_ids([record])[0]))
+    assert len(by_key) == 9
+    for ids in by_key.values():
+        assert ids == sorted(ids)  # one key's events in order
+    assert sum(record.key is None for record in records) == 12
+    assert worker.counters.enriched == 120 and worker.counters.aborted == 0
 
 
 # --- transactions --------------------------------------------------------------------------------------

@@ -11,16 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from enrich import config as enrich_config
 from enrich import geo as geo_module
+from enrich.config import EnrichConfig
 from enrich.dlq import MAX_REASON, dlq_headers
-from enrich.flatten import MalformedEvent
+from enrich.flatten import MalformedEvent, flatten, flatten_encoded
 from enrich.geo import GeoDatabaseError, GeoIP
 from enrich.metrics import Counters, prometheus_text, serve
-from enrich.worker import UidWindow, enrich_transform, passthrough_transform
+from enrich.worker import UidWindow, Worker, enrich_transform, passthrough_transform
 from falco_gitlab.config import ConfigError
-from falco_gitlab.model import GeoInfo, decode_enriched
+from falco_gitlab.model import GeoInfo, decode_enriched, encode_enriched
 from tests.enrich_support import (
     CITY_TEST_DB,
     GEOIP2_CITY_TEST_DB,
@@ -339,6 +341,45 @@ def test_enrich_transform_event_type_header_and_errors() -> None:
 def test_passthrough_transform() -> None:
     assert passthrough_transform(b"abc", HEADERS, 1) == b"abc"
     assert passthrough_transform(None, HEADERS, 1) == b""
+
+
+@pytest.mark.parametrize("name", sorted(seed_payloads()))
+def test_transform_writes_exactly_the_encoded_enriched_record(name: str) -> None:
+    """The transform encodes (version, ts, fields, raw) directly: the same bytes as the record."""
+    raw = seed_payloads()[name].replace(b"198.41.0.4", b"81.2.69.142")
+    geo = GeoIP(str(CITY_TEST_DB))
+    record = flatten(raw, destination="gitlab-main", header_event_type="add_gpg_key",
+                     received_at_ns=1707538200000000000, geo=geo.lookup)
+    expected = encode_enriched(record)
+    assert flatten_encoded(raw, "gitlab-main", "add_gpg_key", 1707538200000000000, geo.lookup) == expected
+    assert enrich_transform(geo.lookup)(raw, HEADERS, 1) == expected
+
+
+class _MetadataOnly:
+    """Enough of a producer for Worker._partitioner."""
+
+    def __init__(self, partitions: set[int]) -> None:
+        self.partitions = partitions
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return self.partitions
+
+
+async def test_output_partitions_are_the_default_partitioners() -> None:
+    """Enriched records are batched per partition by the worker itself: a key must land where
+    aiokafka's (Java-compatible) default partitioner puts it, for any partition count."""
+    worker = Worker(EnrichConfig(), passthrough_transform, transactional_id="t")
+    default = DefaultPartitioner()
+    keys = [b"id:%d" % n for n in range(-5, 300)] + [b"name:alice", b"", b"\xff" * 9, b"k" * 200]
+    for partitions in ({0}, {0, 1, 2}, set(range(7)), set(range(64))):
+        worker._producer = _MetadataOnly(partitions)
+        partition_of = await worker._partitioner("out")
+        assert partition_of is not None
+        ordered = sorted(partitions)
+        for key in keys * 2:  # the second time from the cache
+            assert partition_of(key) == default(key, ordered, ordered), (partitions, key)
+    worker._producer = _MetadataOnly(set())
+    assert await worker._partitioner("out") is None  # no metadata: the producer's own send is used
 
 
 # --- small pieces --------------------------------------------------------------------------------------

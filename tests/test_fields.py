@@ -16,12 +16,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from enrich.flatten import MalformedEvent, flatten
-from falco_gitlab.fields import BY_NAME, CATALOGUE, LEGACY_FIELDS, lookup_path, plugin_fields
+from falco_gitlab import fields as fields_module
+from falco_gitlab.fields import (
+    BY_NAME,
+    CATALOGUE,
+    LEGACY_FIELDS,
+    Field,
+    FieldContext,
+    FieldType,
+    compute_fields,
+    lookup_path,
+    plugin_fields,
+    render,
+)
 from falco_gitlab.model import (
     ENRICHED_SCHEMA_VERSION,
     EnrichedRecord,
     GeoInfo,
     decode_enriched,
+    decode_event,
     encode_enriched,
 )
 from tests.enrich_support import seed_payloads
@@ -1032,3 +1045,122 @@ def test_any_json_object_either_enriches_or_is_malformed(event: dict[str, object
 def test_any_bytes_either_enrich_or_are_malformed(raw: bytes) -> None:
     with contextlib.suppress(MalformedEvent):
         enrich(raw, header_event_type="fallback")
+
+
+# --- the generated computation ------------------------------------------------------------------------
+#
+# compute_fields runs one function generated from the catalogue's descriptions (falco_gitlab.fields,
+# "how a field is computed"). Here each description is evaluated the plain way, attribute by attribute,
+# and the generated code must agree on every field, value type and order.
+
+
+def _described_value(how: object, ctx: FieldContext) -> object:
+    event, details = ctx.event, ctx.event.details
+    if isinstance(how, fields_module.Attr):
+        top = getattr(event, how.name)
+        return render(top) if top is not None or not how.details else render(getattr(details, how.name))
+    if isinstance(how, fields_module.Detail):
+        return render(getattr(details, how.name))
+    if isinstance(how, fields_module.DetailKey):
+        value = getattr(details, how.name)
+        return render(value.get(how.key)) if isinstance(value, dict) else None
+    if isinstance(how, fields_module.FirstDetail):
+        for name in how.names:
+            if getattr(details, name) is not None:
+                return name if how.part == "name" else render(getattr(details, name))
+        return None
+    if isinstance(how, fields_module.Input):
+        return getattr(ctx, how.name)
+    if isinstance(how, fields_module.Geo):
+        return getattr(ctx.geo, how.name) if ctx.geo is not None else None
+    if isinstance(how, fields_module.Call):
+        arguments = {"event": event, "details": details, "destination": ctx.destination,
+                     "header_event_type": ctx.header_event_type, "ip_address": ctx.ip_address,
+                     "client_ip": ctx.client_ip, "errors": ctx.errors}
+        return how.function(*(arguments[name] for name in how.arguments))
+    assert callable(how)
+    return how(ctx)
+
+
+def _described_fields(ctx: FieldContext) -> dict[str, object]:
+    values = {f.name: _described_value(f.how, ctx) for f in CATALOGUE if f.how is not None}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+_GEOS = (None, GeoInfo(city="London", country="United Kingdom", country_iso="GB", continent="Europe",
+                       region="England", region_iso="GB-ENG", asn=20712, as_org="Andrews & Arnold Ltd"),
+         GeoInfo(country="Japan", asn=7))
+
+
+def _check_generated(raw: bytes, destination: str | None, header_event_type: str | None,
+                     errors: list[str]) -> None:
+    try:
+        event = decode_event(raw)
+    except msgspec.MsgspecError:
+        return
+    for geo in _GEOS:
+        ctx = FieldContext(event, destination=destination, header_event_type=header_event_type, geo=geo,
+                           errors=errors)
+        expected = _described_fields(ctx)
+        got = compute_fields(ctx)
+        assert got == expected
+        assert list(got) == list(expected)  # catalogue order: the same bytes on the wire
+        assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
+        for f in CATALOGUE:
+            if f.compute is not None:
+                value = f.compute(ctx)
+                assert value == expected.get(f.name) and type(value) is type(expected.get(f.name)), f.name
+
+
+@pytest.mark.parametrize("name", sorted(SEED_EXPECTED))
+def test_generated_code_matches_the_descriptions_on_seed_payloads(name: str) -> None:
+    _check_generated(seed_payloads()[name], "gitlab-main", None, [])
+    _check_generated(seed_payloads()[name], None, "hdr", ["a problem", "another"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_event, st.none() | st.sampled_from(["", "gitlab-main"]), st.none() | st.sampled_from(["", "h"]),
+       st.lists(st.text(max_size=5), max_size=2))
+def test_generated_code_matches_the_descriptions(event: dict[str, object], destination: str | None,
+                                                 header_event_type: str | None, errors: list[str]) -> None:
+    _check_generated(msgspec.json.encode(event), destination, header_event_type, errors)
+
+
+def test_flatten_computes_what_a_field_context_gives() -> None:
+    """flatten passes compute_event_fields the parts a FieldContext would hold."""
+    raw = seed_payloads()["project_access_token_deleted"]
+    record = enrich(raw, header_event_type="h", geo=lambda ip: _GEOS[1])
+    ctx = FieldContext(decode_event(raw), destination="gitlab-main", header_event_type="h", geo=_GEOS[1])
+    assert record.fields == compute_fields(ctx)
+    assert list(record.fields) == list(compute_fields(ctx))
+
+
+def test_descriptions_name_real_attributes() -> None:
+    with pytest.raises(ValueError, match="not an AuditEvent attribute"):
+        fields_module.Attr("no_such_attribute")
+    with pytest.raises(ValueError, match="not a Details attribute"):
+        fields_module.Attr("id", details=True)  # there is no details.id
+    with pytest.raises(ValueError, match="not a Details attribute"):
+        fields_module.Detail("from")  # the Python attribute is from_
+    with pytest.raises(ValueError, match="not a GeoInfo attribute"):
+        fields_module.Geo("latitude")
+    with pytest.raises(ValueError, match="not a Call argument"):
+        fields_module.Call(len, ("ctx",))
+    with pytest.raises(ValueError, match="not a part"):
+        fields_module.FirstDetail(("add",), "both")
+
+
+def test_a_function_of_the_context_is_a_field_computation_too() -> None:
+    """Anything the descriptions cannot say: a plain function of the FieldContext, called as is."""
+    custom = (
+        Field("kind_and_type", FieldType.STRING, "d", "s",
+              lambda c: f"{c.event.event_type}/{c.client_ip}/{c.geo is not None}"),
+        Field("event_id", FieldType.STRING, "d", "s", fields_module.Attr("id")),
+    )
+    generated, source = fields_module._compile_all(custom)
+    event = decode_event(b'{"id": 5, "event_type": "x", "ip_address": "10.0.0.1, 1.2.3.4"}')
+    assert generated(event, None, None, "10.0.0.1, 1.2.3.4", "10.0.0.1", None, []) == {
+        "kind_and_type": "x/10.0.0.1/False", "event_id": "5"}
+    ctx = FieldContext(event, geo=GeoInfo())
+    assert custom[0].compute is not None and custom[0].compute(ctx) == "x/10.0.0.1/True"
+    assert "compute_event_fields" in source
