@@ -23,7 +23,14 @@ def parse_created_at(text: str) -> int:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         raise ValueError("created_at has no time zone")
-    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
+    ns = int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
+    # Falco timestamps are unsigned 64-bit ns; a date outside that range is not a real GitLab time.
+    if not 0 <= ns < _MAX_TS_NS:
+        raise ValueError("created_at is outside the range of a Falco timestamp")
+    return ns
+
+
+_MAX_TS_NS: Final = 2**63
 
 
 def flatten(
@@ -70,6 +77,10 @@ def enrich_event(
         raise MalformedEvent(f"invalid audit event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise MalformedEvent(f"not JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise MalformedEvent("not JSON: a string is not valid UTF-8") from None
+    except RecursionError:
+        raise MalformedEvent("not JSON: nested too deeply") from None
     if not (event.event_type or header_event_type):
         raise MalformedEvent("no event_type in the body and no X-Gitlab-Audit-Event-Type header")
 
@@ -82,7 +93,7 @@ def enrich_event(
     if created_at:
         try:
             ts = parse_created_at(created_at)
-        except ValueError:
+        except (ValueError, OverflowError):
             errors.append(f"unparseable created_at {created_at!r}; using receive time")
     info = None
     if geo is not None and client_ip is not None:

@@ -155,10 +155,10 @@ raw_values = json_documents | mutated() | st.binary(max_size=64)
 # --- flatten ----------------------------------------------------------------------------------------------
 
 
-# Exceptions flatten is known to let escape (bugs reported to enrich, each shown by a strict xfail test
-# below). Counted, not failed, so that the properties keep hunting for new kinds; empty this tuple when
-# the xfail tests start passing.
-KNOWN_FLATTEN_BUGS: tuple[type[BaseException], ...] = (UnicodeDecodeError, RecursionError)
+# Exceptions flatten is known to let escape, counted rather than failed so that the properties keep
+# hunting for new kinds. Empty since RecursionError, UnicodeDecodeError and out-of-range dates became
+# MalformedEvent / a receive-time fallback (their regression tests are below).
+KNOWN_FLATTEN_BUGS: tuple[type[BaseException], ...] = ()
 
 
 # enrich's encode-in-one-step variant, when it exists (encode_enriched(flatten(...)) without the record).
@@ -252,20 +252,12 @@ def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "BUG (enrich, reported): flatten lets RecursionError escape on JSON nested beyond msgspec's depth "
-    "limit instead of raising MalformedEvent; the worker dead-letters it as 'enrich failed: "
-    "RecursionError' and logs a traceback per record"))
 def test_flatten_deeply_nested_json_is_a_malformed_event() -> None:
     with pytest.raises(MalformedEvent):
         flatten(b'{"event_type":"x","details":{"x":' + nested(100_000) + b"}}", destination=None,
                 header_event_type=None, received_at_ns=RECEIVED_AT)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "BUG (enrich, reported): flatten lets UnicodeDecodeError escape on invalid UTF-8 inside a JSON string "
-    "(msgspec raises it, not DecodeError) instead of raising MalformedEvent; the worker dead-letters it as "
-    "'enrich failed: UnicodeDecodeError' with a traceback per record"))
 @pytest.mark.parametrize("raw", [b'{"event_type":"x","author_name":"\x80"}', b'{"event_type":"x\xff"}',
                                  b'{"event_type":"x","details":{"author_class":"\xed\xa0\x80"}}'])
 def test_flatten_invalid_utf8_is_a_malformed_event(raw: bytes) -> None:
@@ -273,10 +265,6 @@ def test_flatten_invalid_utf8_is_a_malformed_event(raw: bytes) -> None:
         flatten(raw, destination=None, header_event_type=None, received_at_ns=RECEIVED_AT)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG (enrich, reported): a created_at before 1677-09-21 or after 2554 gives a ts outside what "
-    "msgpack can encode; enrich then dead-letters a valid event ('enrich failed: OverflowError') "
-    "instead of falling back to the receive time with a pluginerrormessage"))
 @pytest.mark.parametrize("created_at", ["0001-01-01T00:00:00.000Z", "1600-06-01T00:00:00Z",
                                         "9999-12-31T23:59:59.999Z"])
 def test_flatten_created_at_outside_the_int64_range_is_still_enriched(created_at: str) -> None:
