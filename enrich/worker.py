@@ -35,7 +35,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from enrich.config import EnrichConfig, KafkaSettings
+from enrich.config import EnrichConfig
 from enrich.dlq import dlq_headers
 from enrich.flatten import GeoLookup, MalformedEvent, flatten_encoded
 from enrich.metrics import Counters
@@ -45,6 +45,7 @@ from falco_gitlab.contract import (
     HDR_EVENT_UID,
     HDR_RECEIVED_AT,
 )
+from falco_gitlab.kafka_security import aiokafka_security_options
 
 log = logging.getLogger("enrich.worker")
 
@@ -161,28 +162,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._worker._on_assigned(assigned)
 
 
-def ssl_and_sasl(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka keyword arguments for TLS / SASL."""
-    from falco_gitlab.config import read_secret
-
-    security = kafka.security
-    options: dict[str, Any] = {"security_protocol": security.protocol}
-    if security.protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        key_password = read_secret(None, security.ssl_key_password_file, "kafka.security.ssl_key_password")
-        context = create_ssl_context(cafile=security.ssl_cafile, certfile=security.ssl_certfile,
-                                     keyfile=security.ssl_keyfile, password=key_password)
-        context.check_hostname = security.ssl_check_hostname
-        options["ssl_context"] = context
-    if security.protocol.startswith("SASL"):
-        options["sasl_mechanism"] = security.sasl_mechanism
-        options["sasl_plain_username"] = security.sasl_username
-        options["sasl_plain_password"] = read_secret(
-            security.sasl_password, security.sasl_password_file, "kafka.security.sasl_password")
-    return options
-
-
 # --- the worker ------------------------------------------------------------------------------------
 
 
@@ -243,7 +222,7 @@ class Worker:
         return {
             "bootstrap_servers": kafka.bootstrap_servers,
             "request_timeout_ms": kafka.request_timeout_ms,
-            **ssl_and_sasl(kafka),
+            **aiokafka_security_options(kafka.security),
         }
 
     def _new_consumer(self) -> Any:

@@ -33,6 +33,7 @@ import msgspec
 
 from falco_gitlab.config import ConfigError, load_config, read_secret
 from falco_gitlab.contract import TOPIC_DLQ, TOPIC_RAW
+from falco_gitlab.kafka_security import KafkaSecurity
 
 ENV_PREFIX = "FALCO_GITLAB_INGEST_"
 _ENV_TOKEN = ENV_PREFIX + "TOKEN"
@@ -83,20 +84,6 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # standard loop; "asyncio" forces the standard loop; "uvloop" requires uvloop.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
-
-
-class KafkaSecurity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """TLS and SASL towards the brokers."""
-
-    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = None
-    sasl_password_file: str | None = None
 
 
 class KafkaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -23,10 +23,9 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownProducerId,
 )
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner
 
-from falco_gitlab.config import read_secret
+from falco_gitlab.kafka_security import aiokafka_security_options
 from ingest.config import KafkaSettings
 from ingest.records import OutRecord
 
@@ -98,21 +97,9 @@ class KafkaPublisher:
             "max_request_size": self._max_request_size,
             "request_timeout_ms": s.request_timeout_ms,
             "compression_type": s.compression_type,
-            "security_protocol": sec.protocol,
             "partitioner": CachingPartitioner(),
         }
-        if sec.protocol in ("SSL", "SASL_SSL"):
-            context = create_ssl_context(
-                cafile=sec.ssl_cafile, certfile=sec.ssl_certfile, keyfile=sec.ssl_keyfile
-            )
-            context.check_hostname = sec.ssl_check_hostname
-            kwargs["ssl_context"] = context
-        if sec.protocol.startswith("SASL"):
-            kwargs["sasl_mechanism"] = sec.sasl_mechanism
-            kwargs["sasl_plain_username"] = sec.sasl_username
-            kwargs["sasl_plain_password"] = read_secret(
-                sec.sasl_password, sec.sasl_password_file, "kafka.security.sasl_password_file"
-            )
+        kwargs.update(aiokafka_security_options(sec))
         return kwargs
 
     @property
