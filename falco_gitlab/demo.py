@@ -182,6 +182,8 @@ class Demo:
                     f"                {_strip_time(alert.get('output', ''))}")
 
     def shutdown(self) -> None:
+        if self.children or self.broker is not None:
+            say("\nStopping the demo (rules, enrich, ingest, Kafka)...")
         for name, proc in reversed(list(self.children.items())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
