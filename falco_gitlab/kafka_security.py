@@ -1,5 +1,5 @@
-"""TLS and SASL towards the Kafka brokers: one settings Struct and its aiokafka translation, shared by
-ingest and enrich (the plugin uses librdkafka and has its own keys, see docs/plugin.md)."""
+"""TLS and SASL towards the Kafka brokers: one settings Struct shared by ingest and enrich, translated for
+aiokafka (enrich) and librdkafka (ingest's producer). The plugin has its own keys, see docs/plugin.md."""
 
 from __future__ import annotations
 
@@ -42,4 +42,28 @@ def aiokafka_security_options(security: KafkaSecurity) -> dict[str, Any]:
         options["sasl_plain_username"] = security.sasl_username
         options["sasl_plain_password"] = read_secret(
             security.sasl_password, security.sasl_password_file, "kafka.security.sasl_password_file")
+    return options
+
+
+def librdkafka_security_options(security: KafkaSecurity) -> dict[str, str]:
+    """The same settings as librdkafka properties (for confluent-kafka clients); secret files are read
+    here, at client creation."""
+    options: dict[str, str] = {"security.protocol": security.protocol}
+    if security.protocol in ("SSL", "SASL_SSL"):
+        paths = {"ssl.ca.location": security.ssl_cafile, "ssl.certificate.location": security.ssl_certfile,
+                 "ssl.key.location": security.ssl_keyfile}
+        options.update({key: path for key, path in paths.items() if path})
+        key_password = read_secret(
+            None, security.ssl_key_password_file, "kafka.security.ssl_key_password_file")
+        if key_password:
+            options["ssl.key.password"] = key_password
+        options["ssl.endpoint.identification.algorithm"] = "https" if security.ssl_check_hostname else "none"
+    if security.protocol.startswith("SASL"):
+        options["sasl.mechanism"] = security.sasl_mechanism
+        if security.sasl_username is not None:
+            options["sasl.username"] = security.sasl_username
+        password = read_secret(
+            security.sasl_password, security.sasl_password_file, "kafka.security.sasl_password_file")
+        if password is not None:
+            options["sasl.password"] = password
     return options

@@ -1,7 +1,7 @@
 """``falco-gitlab ingest``: run the GitLab audit event streaming receiver.
 
 Only the standard library is imported at module level (``falco-gitlab --help`` must stay fast); aiohttp,
-aiokafka and msgspec are imported inside ``run``.
+confluent-kafka and msgspec are imported inside ``run``.
 """
 
 from __future__ import annotations

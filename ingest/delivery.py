@@ -35,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from aiokafka.errors import KafkaError
-
 from ingest.metrics import IngestMetrics
-from ingest.publisher import DeliveryFuture, KafkaPublisher, describe, is_permanent
+from ingest.publisher import DeliveryFuture, KafkaPublisher, PublishError, describe, is_permanent
 from ingest.records import OutRecord
 from ingest.spool import SlotLock, Spool, SpoolEntry, other_slots, try_lock_slot
 
@@ -138,10 +136,9 @@ class Delivery:
         if self._adopt_from is not None:
             await self._adopt()
         try:
-            async with asyncio.timeout(connect_timeout_s):
-                await self._publisher.start()
+            await self._publisher.start(connect_timeout_s)
             self._set_kafka(True)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except PublishError as exc:
             log.warning(
                 "kafka: not reachable at startup; accepting into the spool until it is",
                 extra={"error": describe(exc)},
@@ -351,9 +348,8 @@ class Delivery:
         if self._publisher.started:
             return True
         try:
-            async with asyncio.timeout(self._start_timeout):
-                await self._publisher.start()
-        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._publisher.start(self._start_timeout)
+        except PublishError as exc:
             self._set_kafka(False, exc)
             return False
         return True
@@ -382,7 +378,7 @@ class Delivery:
                 continue
             try:
                 future = await self._publisher.send(entry.record)
-            except KafkaError as exc:
+            except PublishError as exc:
                 if is_permanent(exc):
                     self._reject(state, entry, exc)
                     continue
