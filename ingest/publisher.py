@@ -44,6 +44,7 @@ _PERMANENT_CODES: Final = frozenset({
 # between tries: the caller's publish timeout bounds the whole wait.
 _QUEUE_FULL_RETRY_S: Final = 0.005
 _POLL_INTERVAL_S: Final = 0.1
+_CONNECT_SLICE_S: Final = 0.5
 
 
 class PublishError(Exception):
@@ -134,41 +135,51 @@ class KafkaPublisher:
             producer = Producer(config)
         except (KafkaException, ValueError, TypeError) as exc:
             raise PublishError(f"cannot create the Kafka producer: {exc}") from None
-        try:
-            # Producer() connects in the background; asking for metadata proves a broker answers.
-            # (If this wait is cancelled, the thread finishes the request and, holding the last
-            # reference, destroys the producer: it is never closed while still in use.)
-            await asyncio.to_thread(producer.list_topics, None, timeout_s)
-        except KafkaException as exc:
-            await asyncio.to_thread(_destroy, producer)
-            raise PublishError(f"Kafka not reachable at {self._settings.bootstrap_servers}: "
-                               f"{exc.args[0].str() if exc.args else exc}") from None
+        # Producer() connects in the background; a metadata answer proves a broker is there. Asked in
+        # short slices, so that a cancelled start (shutdown) leaves no thread waiting for long.
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await asyncio.to_thread(
+                    producer.list_topics, None, min(_CONNECT_SLICE_S, max(deadline - loop.time(), 0.01)))
+                break
+            except KafkaException as exc:
+                if loop.time() < deadline:
+                    continue
+                await asyncio.to_thread(_destroy, producer)
+                raise PublishError(f"Kafka not reachable at {self._settings.bootstrap_servers}: "
+                                   f"{exc.args[0].str() if exc.args else exc}") from None
         poller.start(producer)
         self._producer, self._poller = producer, poller
         log.info("kafka producer started", extra={"bootstrap_servers": self._settings.bootstrap_servers})
 
-    async def send(self, record: OutRecord) -> DeliveryFuture:
-        """Hand ``record`` to the producer; the returned future resolves when Kafka acknowledged it and
-        fails with PublishError when it will not.
-
-        Cancelling this coroutine before it returns guarantees the record is not sent.
-        """
+    def try_send(self, record: OutRecord) -> DeliveryFuture | None:
+        """Hand ``record`` to the producer now, or return None when librdkafka's local queue is full
+        (nothing was sent). The future resolves when Kafka acknowledged the record and fails with
+        PublishError when it will not."""
         producer, poller = self._producer, self._poller
         if producer is None or poller is None:
             raise PublishError("the Kafka producer is not started")
         future: DeliveryFuture = poller.loop.create_future()
-        report = poller.reporter(future)
-        while True:
-            try:
-                producer.produce(record.topic, record.value, record.key,
-                                 headers=record.headers,  # type: ignore[arg-type]  # list is invariant
-                                 on_delivery=report)
-                return future
-            except BufferError:
-                # librdkafka's local queue is full: Kafka is slower than the traffic. Wait for room.
-                await asyncio.sleep(_QUEUE_FULL_RETRY_S)
-            except KafkaException as exc:
-                raise _publish_error(exc.args[0]) from None
+        try:
+            producer.produce(record.topic, record.value, record.key,
+                             headers=record.headers,  # type: ignore[arg-type]  # list is invariant
+                             on_delivery=poller.reporter(future))
+        except BufferError:
+            return None
+        except KafkaException as exc:
+            raise _publish_error(exc.args[0]) from None
+        return future
+
+    async def send(self, record: OutRecord) -> DeliveryFuture:
+        """``try_send``, waiting for room while the local queue is full (Kafka slower than the traffic).
+
+        Cancelling this coroutine before it returns guarantees the record is not sent.
+        """
+        # librdkafka signals nothing when its queue has room again: poll for it.
+        while (future := self.try_send(record)) is None:  # noqa: ASYNC110
+            await asyncio.sleep(_QUEUE_FULL_RETRY_S)
+        return future
 
     async def close(self, wait_s: float) -> None:
         """Wait up to ``wait_s`` for records in flight, then close.
