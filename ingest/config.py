@@ -95,7 +95,8 @@ class KafkaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # GitLab gives up after 8 s: keep this well below.
     publish_timeout_s: float = 2.5
     request_timeout_ms: int = 30_000
-    linger_ms: int = 5
+    # Measured best for one worker (bench/bench_ingest.py): 5 added latency, 1 more broker CPU per event.
+    linger_ms: int = 2
     max_batch_size: int = 262_144
     # Largest record the producer accepts; 0 = max_body_bytes + 64 KiB. Keep the topics'
     # max.message.bytes at least as large (see docs/ingest.md).

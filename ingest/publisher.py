@@ -9,17 +9,18 @@ the socket I/O run in librdkafka's own threads without the GIL, so the event loo
 spent about a third of its CPU in it. Up to five produce requests per broker are in flight (the
 idempotent producer keeps their order), where aiokafka sent one at a time.
 
-Threads: delivery reports are served by one poll thread; it collects the outcomes of each ``poll()``
-and hands them to the event loop in one ``call_soon_threadsafe``, where the asyncio futures are
-resolved. Nothing else crosses threads.
+Delivery reports are served on the event loop's own thread: while records are in flight, a timer
+calls ``poll(0)`` every millisecond (once a second otherwise, for librdkafka's error and log
+callbacks). A dedicated poll thread was measured first: it had to wait for the GIL behind the busy
+event loop (up to the 5 ms switch interval) before it could report, which lengthened every request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -43,8 +44,11 @@ _PERMANENT_CODES: Final = frozenset({
 # How long produce() is retried while librdkafka's local queue is full (its queue.buffering.max.*),
 # between tries: the caller's publish timeout bounds the whole wait.
 _QUEUE_FULL_RETRY_S: Final = 0.005
-_POLL_INTERVAL_S: Final = 0.1
+_POLL_BUSY_S: Final = 0.001
+_POLL_IDLE_S: Final = 1.0
 _CONNECT_SLICE_S: Final = 0.5
+# After a purge, how long close() serves the purged records' reports (each fails its future).
+_PURGE_REPORTS_S: Final = 1.0
 
 
 class PublishError(Exception):
@@ -118,10 +122,9 @@ class KafkaPublisher:
 
     @property
     def broken(self) -> bool:
-        """The producer reported a fatal error (every later send would fail) or its poll thread died:
-        it must be replaced."""
+        """The producer reported a fatal error (every later send fails): it must be replaced."""
         poller = self._poller
-        return poller is not None and (poller.fatal is not None or not poller.alive)
+        return poller is not None and poller.fatal is not None
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Connect (raises PublishError when Kafka cannot be reached within ``timeout_s``)."""
@@ -191,13 +194,15 @@ class KafkaPublisher:
         self._producer = self._poller = None
         if producer is None or poller is None:
             return
-        await asyncio.to_thread(poller.stop)
-        left = await asyncio.to_thread(producer.flush, max(wait_s, 0.01))
-        if left:
+        poller.stop()
+        deadline = time.monotonic() + wait_s
+        while len(producer) and time.monotonic() < deadline:
+            producer.poll(0)
+            await asyncio.sleep(_POLL_BUSY_S)
+        if len(producer):
             log.warning("kafka: records still unacknowledged at shutdown; they stay in the spool",
-                        extra={"records": left})
-        await asyncio.to_thread(_abandon, producer)
-        poller.deliver_now()
+                        extra={"records": len(producer)})
+        await _abandon(producer)
 
     async def discard(self) -> None:
         """Drop a broken producer (after failing whatever it still holds)."""
@@ -205,16 +210,20 @@ class KafkaPublisher:
         self._producer = self._poller = None
         if producer is None or poller is None:
             return
-        await asyncio.to_thread(poller.stop)
-        await asyncio.to_thread(_abandon, producer)
-        poller.deliver_now()
+        poller.stop()
+        await _abandon(producer)
 
 
-def _abandon(producer: Producer) -> None:
-    # Purged records get their delivery report (an error) from the next poll: every future resolves.
+async def _abandon(producer: Producer) -> None:
+    # Purged records get their delivery report (an error) from the next polls: every future resolves.
     producer.purge(in_queue=True, in_flight=True, blocking=False)
-    producer.flush(0)
-    _destroy(producer)
+    deadline = time.monotonic() + _PURGE_REPORTS_S
+    while True:
+        producer.poll(0)
+        if not len(producer) or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(_POLL_BUSY_S)
+    await asyncio.to_thread(_destroy, producer)
 
 
 def _destroy(producer: Producer) -> None:
@@ -224,38 +233,39 @@ def _destroy(producer: Producer) -> None:
 
 
 class _Poller:
-    """Serves librdkafka's delivery reports in one thread and resolves their futures on the event loop."""
+    """Serves librdkafka's delivery reports and callbacks on the event loop's thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.fatal: PublishError | None = None
+        self.in_flight = 0
         self._producer: Producer | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        # Outcomes reported by the current poll(); handed to the loop as one batch.
-        self._reports: list[tuple[DeliveryFuture, KafkaError | None]] = []
-        self._lock = threading.Lock()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._loop_thread = threading.get_ident()
 
     def start(self, producer: Producer) -> None:
         self._producer = producer
-        self._thread = threading.Thread(target=self._run, name="kafka-delivery-reports", daemon=True)
-        self._thread.start()
+        self._schedule(_POLL_IDLE_S)
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._producer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def reporter(self, future: DeliveryFuture) -> Callable[[KafkaError | None, Any], None]:
-        reports, lock = self._reports, self._lock
+        """The delivery callback of one record (counted in flight until it reports)."""
+        self.in_flight += 1
+        if not self._busy and self._producer is not None:
+            self._busy = True
+            self._schedule(_POLL_BUSY_S)
 
         def report(error: KafkaError | None, _message: Any) -> None:
-            with lock:
-                reports.append((future, error))
+            if threading.get_ident() == self._loop_thread:
+                self._resolve(future, error)
+            else:  # served by close() in a worker thread: a straggler
+                self.loop.call_soon_threadsafe(self._resolve, future, error)
 
         return report
 
@@ -270,37 +280,28 @@ class _Poller:
         else:
             log.debug("kafka: %s", error.str(), extra={"error": error.name()})
 
-    def _run(self) -> None:
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._poll)
+
+    def _poll(self) -> None:
+        self._timer = None
         producer = self._producer
-        assert producer is not None
-        while not self._stopping.is_set():
-            if producer.poll(_POLL_INTERVAL_S):
-                self._hand_over()
+        if producer is None:
+            return
+        producer.poll(0)
+        self._busy = self.in_flight > 0
+        self._schedule(_POLL_BUSY_S if self._busy else _POLL_IDLE_S)
 
-    def _take(self) -> list[tuple[DeliveryFuture, KafkaError | None]]:
-        with self._lock:
-            reports = self._reports.copy()
-            self._reports.clear()  # in place: the reporters append to this very list
-        return reports
-
-    def _hand_over(self) -> None:
-        reports = self._take()
-        if reports:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                self.loop.call_soon_threadsafe(self._resolve, reports)
-
-    def deliver_now(self) -> None:
-        """On the loop's thread, once no poll thread runs: resolve what the last polls reported."""
-        self._resolve(self._take())
-
-    def _resolve(self, reports: list[tuple[DeliveryFuture, KafkaError | None]]) -> None:
-        for future, error in reports:
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(None)
-            else:
-                failure = _publish_error(error)
-                if failure.fatal and self.fatal is None:
-                    self.fatal = failure
-                future.set_exception(failure)
+    def _resolve(self, future: DeliveryFuture, error: KafkaError | None) -> None:
+        self.in_flight -= 1
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+            return
+        failure = _publish_error(error)
+        if failure.fatal and self.fatal is None:
+            self.fatal = failure
+        future.set_exception(failure)
