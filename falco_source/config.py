@@ -67,7 +67,7 @@ class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omi
     sasl: Annotated[SaslConfig | None, _describe("SASL settings (implies sasl_*)")] = None
     batch_size: Annotated[
         int, msgspec.Meta(ge=1, le=65536, description="maximum number of events per next_batch call")
-    ] = 512
+    ] = 128
     max_event_size: Annotated[
         int,
         msgspec.Meta(
@@ -107,6 +107,16 @@ MANAGED_PROPERTIES: Final = frozenset({
     "ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.key.password",
     "ssl.endpoint.identification.algorithm",
 })
+
+# librdkafka's defaults prefetch up to 64 MiB per consumer, then back off for a whole second once
+# that is queued. The plugin drains its queue within milliseconds: 8 MiB (several thousand records)
+# never starves it, and a small queue keeps reusing the same, cache-warm buffers instead of faulting
+# in fresh pages (measured: the fetch thread's CPU per record halved, next_batch cheaper too).
+# The `kafka` key overrides both.
+PREFETCH_PROPERTIES: Final[dict[str, int]] = {
+    "queued.max.messages.kbytes": 8192,
+    "fetch.queue.backoff.ms": 10,
+}
 
 _BROKER = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 _decoder: Final = msgspec.json.Decoder(PluginConfig)
@@ -217,6 +227,7 @@ def consumer_properties(config: PluginConfig) -> dict[str, Any]:
         "enable.auto.offset.store": False,
         "isolation.level": "read_committed",
         "security.protocol": security_protocol(config),
+        **PREFETCH_PROPERTIES,
     }
     if config.tls is not None:
         tls = config.tls

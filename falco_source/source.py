@@ -17,11 +17,14 @@ from __future__ import annotations
 import struct
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import attrgetter, is_not
 from typing import Any, Final
 
 import msgspec
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from falco_gitlab.model import ENRICHED_SCHEMA_VERSION, EnrichedRecord, decode_enriched
 from falco_source.config import ConfigError, PluginConfig, broker_list, consumer_properties
@@ -38,12 +41,34 @@ PPME_PLUGINEVENT_E: Final = 322
 HEADER: Final = struct.Struct("<QQIHIIII")  # ts, tid, len, type, nparams, len(id)=4, len(payload), id
 HEADER_LEN: Final = HEADER.size  # 38
 NO_VALUE: Final = 0xFFFF_FFFF_FFFF_FFFF  # ts "now" / tid "no thread"
-# decode_enriched without the call around it (next_batch checks the version itself)
-_decode_record: Final = msgspec.msgpack.Decoder(EnrichedRecord).decode
 
+
+class _BatchRecord(EnrichedRecord, gc=False):
+    """An EnrichedRecord the cyclic GC does not track (its values are str/int/bool/bytes: no cycle).
+
+    next_batch keeps a batch's decoded records alive until the next batch; as tracked objects they
+    made the collector run (and walk them) every few hundred records, a cost the memory path, which
+    frees each record at once, does not pay.
+    """
+
+
+# decode_enriched without the call around it (next_batch checks the version itself)
+_decode_record: Final = msgspec.msgpack.Decoder(_BatchRecord).decode
+
+
+# Per-message accessors for map(): C calls, no Python frame per message.
+_error_of: Final[Callable[[Any], Any]] = Message.error
+_value_of: Final[Callable[[Any], Any]] = Message.value
+_partition_of: Final[Callable[[Any], Any]] = Message.partition
+_offset_of: Final[Callable[[Any], Any]] = Message.offset
+_version_of: Final = attrgetter("version")
+_ts_of: Final = attrgetter("ts")
+_HEADER_LEN_PLUS: Final = HEADER_LEN.__add__
 
 # (rc, packed events, offset of each event, the decoded record of each event)
 Batch = tuple[int, bytearray, "array[int]", list[EnrichedRecord]]
+# (packed events, offset of each event, the decoded record of each event)
+Packed = tuple[bytearray, "array[int]", list[EnrichedRecord]]
 
 
 class SourceError(RuntimeError):
@@ -223,13 +248,113 @@ class KafkaSource:
             if self._committable:
                 self._commit(force=False, asynchronous=True)
         try:
-            messages = self._consumer.consume(num_messages=batch_size, timeout=self._timeout)
+            messages = self._receive(batch_size)
         except KafkaException as exc:
             self._kafka_error(exc.args[0])
             messages = []
         if self._fatal is not None:
             raise SourceError(self._fatal)
 
+        if messages:
+            packed = self._pack_fast(messages)
+            if packed is None:
+                packed = self._pack_each(messages)
+            events, offsets, records = packed
+            if offsets:
+                self.counters.delivered += len(offsets)
+                return RC_SUCCESS, events, offsets, records
+        if self.replay:
+            if not messages and self._remaining:
+                self._check_positions()
+            if not self._remaining:
+                return RC_EOF, bytearray(), offsets, records
+        return RC_TIMEOUT, bytearray(), offsets, records
+
+    def _receive(self, batch_size: int) -> list[Any]:
+        """What the consumer holds now, up to batch_size; when it holds nothing, wait for a record.
+
+        consume(n, timeout) blocks until it has n records or the timeout expired: with fewer records
+        queued (a low live rate, the end of a replay, a fetch not yet answered) it held them back for
+        the whole poll timeout. Here records already fetched go to Falco at once, and the wait ends at
+        the first record that arrives.
+        """
+        consumer = self._consumer
+        messages: list[Any] = consumer.consume(num_messages=batch_size, timeout=0)
+        if messages:
+            return messages
+        if self.replay and self._remaining:
+            # the records before the end offsets may all be consumed already (the last positions
+            # are transaction markers, which never come as records): EOF without waiting
+            self._check_positions()
+            if not self._remaining:
+                return messages
+        first = consumer.poll(self._timeout)
+        if first is None:
+            return messages
+        if batch_size == 1:
+            return [first]
+        rest: list[Any] = consumer.consume(num_messages=batch_size - 1, timeout=0)
+        rest.insert(0, first)
+        return rest
+
+    def _pack_fast(self, messages: list[Any]) -> Packed | None:
+        """The batch when every message is a deliverable record (the usual case), else None.
+
+        Iterates with map/zip/accumulate, in C, instead of a Python loop per message (about 900 fewer
+        instructions per event, measured with callgrind). Nothing is changed before the batch is known to
+        qualify, so the per-message loop can take over from scratch: an error or EOF message, a
+        tombstone, an oversized or malformed record, a newer version, a record outside the replay
+        range all go there, where each case is handled and counted.
+        """
+        # identity, not ==: confluent-kafka's KafkaError == None leaves a TypeError set (SystemError)
+        if any(map(is_not, map(_error_of, messages), repeat(None))):
+            return None
+        values = list(map(_value_of, messages))
+        try:
+            sizes = list(map(len, values))  # TypeError: a tombstone (None)
+            if max(sizes) > self._max_payload:
+                return None
+            records: list[EnrichedRecord] = list(map(_decode_record, values))
+        except (TypeError, msgspec.MsgspecError):
+            return None
+        if max(map(_version_of, records)) > ENRICHED_SCHEMA_VERSION:
+            return None
+        # Kafka hands each partition's records in offset order: the last offset is the highest.
+        last = dict(zip(map(_partition_of, messages), map(_offset_of, messages), strict=True))
+        if self.replay:
+            end = self._end
+            remaining = self._remaining
+            for partition, offset in last.items():
+                if partition not in remaining or offset >= end[partition]:
+                    return None
+            for partition, offset in last.items():
+                self._pos[partition] = offset + 1
+                if offset + 1 >= end[partition]:
+                    self._finish(partition)
+        else:
+            inflight = self._inflight
+            for partition, offset in last.items():
+                inflight[partition] = offset + 1
+
+        stamps = list(map(_ts_of, records))
+        if min(stamps) <= 0 or max(stamps) >= NO_VALUE:
+            stamps = [ts if 0 < ts < NO_VALUE else NO_VALUE for ts in stamps]
+        lengths = list(map(_HEADER_LEN_PLUS, sizes))
+        count = len(values)
+        parts: list[bytes] = [b""] * (2 * count)
+        parts[0::2] = map(
+            HEADER.pack, stamps, repeat(NO_VALUE), lengths, repeat(PPME_PLUGINEVENT_E), repeat(2),
+            repeat(4), sizes, repeat(self.plugin_id),
+        )
+        parts[1::2] = values
+        offsets = array("I", accumulate(lengths, initial=0))
+        offsets.pop()  # the end of the last event
+        return bytearray().join(parts), offsets, records
+
+    def _pack_each(self, messages: list[Any]) -> Packed:
+        """The batch, message by message: every case, including those _pack_fast leaves here."""
+        offsets: array[int] = array("I")
+        records: list[EnrichedRecord] = []
         # The batch is built as a list of parts (header, value, header, value, ...) joined once at
         # the end: one copy of each value, no reallocation of a growing buffer.
         parts: list[bytes] = []
@@ -282,16 +407,7 @@ class KafkaSource:
             if replay and offset + 1 >= end[partition]:
                 self._finish(partition)
 
-        count = len(offsets)
-        if count:
-            self.counters.delivered += count
-            return RC_SUCCESS, bytearray().join(parts), offsets, records
-        if replay:
-            if not messages and remaining:
-                self._check_positions()
-            if not remaining:
-                return RC_EOF, bytearray(), offsets, records
-        return RC_TIMEOUT, bytearray(), offsets, records
+        return bytearray().join(parts), offsets, records
 
     def _message_error(self, message: Any) -> None:
         error = message.error()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import OFFSET_INVALID, KafkaError, Message, TopicPartition
 
 from falco_gitlab.fields import CATALOGUE, lookup_path, plugin_fields
 from falco_gitlab.model import EnrichedRecord, encode_enriched
@@ -18,7 +19,17 @@ from falco_source.config import ConfigError, consumer_properties, init_schema, p
 from falco_source.extract import Extractor
 from falco_source.hostlog import SEV_INFO, SEV_WARNING, HostLog, KafkaLogger
 from falco_source.params import OpenParams, OpenParamsError, parse_open_params
-from falco_source.source import HEADER, HEADER_LEN, NO_VALUE, event_ts, pack_event
+from falco_source.source import (
+    HEADER,
+    HEADER_LEN,
+    NO_VALUE,
+    RC_EOF,
+    RC_SUCCESS,
+    Counters,
+    KafkaSource,
+    event_ts,
+    pack_event,
+)
 from tests.plugin_support import expected_value, seed_records
 
 # --- init_config ------------------------------------------------------------------------------------
@@ -27,7 +38,7 @@ from tests.plugin_support import expected_value, seed_records
 def test_minimal_config_gets_the_defaults() -> None:
     config = parse_config('{"brokers": "k1:9092, k2:9092"}')
     assert config.topic == "gitlab.audit.enriched"
-    assert config.batch_size == 512 and config.max_event_size == 1024 * 1024
+    assert config.batch_size == 128 and config.max_event_size == 1024 * 1024
     assert config.poll_timeout_ms == 30
     props = consumer_properties(config)
     assert props["bootstrap.servers"] == "k1:9092,k2:9092"
@@ -220,6 +231,157 @@ def test_pack_event_layout() -> None:
     assert bytes(buf[38:]) == b"payload"
     assert struct.unpack_from("<H", buf, 20)[0] == 322
     assert event_ts(0) == NO_VALUE and event_ts(-5) == NO_VALUE and event_ts(7) == 7
+
+
+# --- next_batch: the batch-at-once path against the per-message one ---------------------------------------
+
+
+class FakeConsumer:
+    """consume/poll as confluent-kafka's Consumer answers them: ``queued`` records are there already,
+    ``arriving`` ones come while poll waits."""
+
+    def __init__(self, queued: list[Any]) -> None:
+        self.queued = list(queued)
+        self.arriving: list[Any] = []
+        self.positions: dict[int, int] = {}
+        self.calls: list[tuple[str, int | None, float]] = []
+        self.paused: list[int] = []
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        self.calls.append(("consume", num_messages, timeout))
+        taken, self.queued = self.queued[:num_messages], self.queued[num_messages:]
+        return taken
+
+    def poll(self, timeout: float = -1) -> Any:
+        self.calls.append(("poll", None, timeout))
+        if not self.queued:
+            self.queued, self.arriving = self.arriving, []
+        return self.queued.pop(0) if self.queued else None
+
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused += [tp.partition for tp in partitions]
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get(tp.partition, OFFSET_INVALID))
+                for tp in partitions]
+
+    def commit(self, **_: Any) -> None:
+        pass
+
+
+def make_source(mode: str, messages: list[Any], ends: dict[int, int] | None = None,
+                **config: Any) -> KafkaSource:
+    plugin_config = parse_config(json.dumps({"brokers": "k:1", "topic": "t", **config}))
+    source = KafkaSource(plugin_config, parse_open_params(mode), 999, HostLog(lambda s, m: None, "debug"),
+                         Counters())
+    source._consumer = FakeConsumer(messages)
+    for partition, end in (ends or {}).items():
+        source._start[partition] = source._pos[partition] = 0
+        source._end[partition] = end
+        source._remaining.add(partition)
+    return source
+
+
+def message(partition: int, offset: int, value: bytes | None, error: Any = None) -> Any:
+    return Message(topic="t", partition=partition, offset=offset, value=value, key=b"k", error=error)
+
+
+def seed_messages(count: int, partitions: int = 3) -> list[Any]:
+    values = [value for _, _, value in seed_records()]
+    return [message(i % partitions, i // partitions, values[i % len(values)]) for i in range(count)]
+
+
+def state(source: KafkaSource) -> Any:
+    return (dict(source._pos), set(source._remaining), dict(source._inflight), source.counters,
+            sorted(source._consumer.paused))
+
+
+@pytest.mark.parametrize("mode", ["replay", "live"])
+def test_batch_at_once_equals_message_by_message(mode: str) -> None:
+    messages = seed_messages(100)
+    ends = {0: 34, 1: 100, 2: 100} if mode == "replay" else None  # partition 0 ends with this batch
+    fast, each = make_source(mode, [], ends), make_source(mode, [], ends)
+    packed = fast._pack_fast(messages)
+    assert packed is not None
+    assert packed == each._pack_each(messages)
+    assert state(fast) == state(each)
+    events, offsets, records = packed
+    assert len(offsets) == len(records) == 100 and offsets[0] == 0
+    for index, (offset, record) in enumerate(zip(offsets, records, strict=True)):
+        ts, _, length, kind, _, _, size, plugin_id = HEADER.unpack_from(events, offset)
+        assert (ts, kind, plugin_id) == (record.ts, 322, 999)
+        assert bytes(events[offset + HEADER_LEN:offset + length]) == messages[index].value()
+        assert length == HEADER_LEN + size
+    if mode == "replay":
+        assert fast._remaining == {1, 2} and fast._consumer.paused == [0]
+
+
+def test_event_time_out_of_range_is_now_in_both_paths() -> None:
+    values = [encode_enriched(EnrichedRecord(1, ts, {"event_type": "x"}, b"{}")) for ts in (0, 2**64 - 1, 5)]
+    messages = [message(0, i, value) for i, value in enumerate(values)]
+    packed = make_source("live", [])._pack_fast(messages)
+    assert packed is not None and packed == make_source("live", [])._pack_each(messages)
+    stamps = [HEADER.unpack_from(packed[0], offset)[0] for offset in packed[1]]
+    assert stamps == [NO_VALUE, NO_VALUE, 5]
+
+
+@pytest.mark.parametrize("case", ["tombstone", "garbage", "newer version", "oversized", "eof", "past end",
+                                  "finished partition"])
+def test_unusual_batches_go_message_by_message(case: str) -> None:
+    messages = seed_messages(9)
+    largest = max(len(m.value()) for m in messages)
+    ends = {0: 100, 1: 100, 2: 100}
+    if case == "tombstone":
+        messages[4] = message(1, 1, None)
+    elif case == "garbage":
+        messages[4] = message(1, 1, b"\xc1garbage")
+    elif case == "newer version":
+        messages[4] = message(1, 1, encode_enriched(EnrichedRecord(99, 1, {}, b"")))
+    elif case == "oversized":
+        messages[4] = message(1, 1, b"\x00" * (largest + 1))
+    elif case == "eof":
+        messages.append(message(2, 3, None, KafkaError(KafkaError._PARTITION_EOF)))
+    elif case == "past end":
+        ends[2] = 2
+    source = make_source("replay", messages, ends, max_event_size=largest + HEADER_LEN)
+    if case == "finished partition":
+        source._remaining.discard(2)
+    before = state(source)
+    assert source._pack_fast(messages) is None
+    assert state(source) == before  # nothing changed: the per-message path starts from scratch
+    rc, _, offsets, records = source.next_batch(64)
+    assert rc == RC_SUCCESS and len(offsets) == len(records)
+    delivered = source.counters.delivered
+    dropped = source.counters.dropped_malformed + source.counters.dropped_oversized
+    expected_dropped = {"tombstone": 1, "garbage": 1, "newer version": 1, "oversized": 1}.get(case, 0)
+    assert dropped == expected_dropped
+    skipped = {"past end": 1, "finished partition": 3}.get(case, 0)
+    assert delivered == 9 - expected_dropped - skipped
+    if case == "eof":
+        assert 2 not in source._remaining
+
+
+def test_receive_returns_what_is_queued_and_waits_only_when_nothing_is() -> None:
+    source = make_source("live", seed_messages(5), poll_timeout_ms=30)
+    consumer = source._consumer
+    assert len(source._receive(3)) == 3
+    assert consumer.calls == [("consume", 3, 0)]  # not held back until the batch is full
+    assert len(source._receive(8)) == 2
+    consumer.calls.clear()
+    assert source._receive(8) == []
+    assert consumer.calls == [("consume", 8, 0), ("poll", None, 0.03)]
+    consumer.calls.clear()
+    consumer.arriving = seed_messages(4)
+    assert len(source._receive(8)) == 4  # the first record that arrives, with what came with it
+    assert consumer.calls == [("consume", 8, 0), ("poll", None, 0.03), ("consume", 7, 0)]
+
+
+def test_replay_ends_without_waiting_when_the_positions_passed_the_end() -> None:
+    source = make_source("replay", [], {0: 10, 1: 10})
+    source._consumer.positions = {0: 10, 1: 10}  # the last offsets are transaction markers
+    rc, _, offsets, _ = source.next_batch(8)
+    assert rc == RC_EOF and not offsets
+    assert ("poll", None, 0.03) not in source._consumer.calls
 
 
 # --- metadata and build helpers -------------------------------------------------------------------------
