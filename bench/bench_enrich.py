@@ -1,7 +1,8 @@
 """Benchmark: one enrich worker against a real Kafka broker, next to a pass-through worker.
 
     .venv/bin/python bench/bench_enrich.py [--events N] [--batch-size N] [--partitions N] [--rounds N]
-                                          [--diagnose] [--profile PREFIX] [--json]
+                                          [--warmup N] [--diagnose] [--compare REV] [--profile PREFIX]
+                                          [--json]
 
 Uses the broker at KAFKA_BOOTSTRAP_SERVERS, else starts the project's local broker (falco_gitlab.devkafka)
 in a temporary directory and stops it afterwards. It fills a raw topic with N realistic events (the
@@ -20,6 +21,10 @@ ratio enrich/pass-through of events/s.
 ``--diagnose`` adds two runs that separate the two costs of enriching: "enrich, raw out" does all the
 work but writes the raw value; "pass, 2x out" does no work but writes a value as large as an enriched
 record (which carries the raw event plus the fields, about twice the raw size).
+
+``--compare REV`` adds a run of enrich as it is in git revision REV (its ``enrich/`` and
+``falco_gitlab/``, extracted with ``git archive``) in every round, against the same topic: a before/after
+measured under the same load, which a shared machine makes necessary.
 """
 
 from __future__ import annotations
@@ -54,9 +59,9 @@ KNOWN = ["81.2.69.142", "81.2.69.160", "2.125.160.216", "89.160.20.112", "89.160
          "2a02:cf40::1", "2001:480::1"]
 
 
-MODES = ("passthrough", "enrich", "enrich-small", "passthrough-2x")
+MODES = ("passthrough", "enrich", "enrich-small", "passthrough-2x", "enrich-compare")
 LABELS = {"passthrough": "pass-through", "enrich": "enrich", "enrich-small": "enrich, raw out",
-          "passthrough-2x": "pass, 2x out"}
+          "passthrough-2x": "pass, 2x out", "enrich-compare": "enrich (REV)"}
 
 # --- workload --------------------------------------------------------------------------------------
 
@@ -145,9 +150,11 @@ async def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         processing=ProcessingSettings(batch_size=args.batch_size),
         metrics=MetricsSettings(log_interval_s=3600),
     )
-    if args.mode in ("enrich", "enrich-small"):
+    if args.mode in ("enrich", "enrich-small", "enrich-compare"):
         geo = GeoIP(config.geoip.city_db, config.geoip.asn_db, cache_size=config.geoip.cache_size)
-        inner = enrich_transform(geo.lookup)
+        # As the service does: the GeoIP itself (it also caches per address), where the revision
+        # under test takes one; older ones take its lookup function.
+        inner = enrich_transform(geo if hasattr(geo, "derived") else geo.lookup)
         if args.mode == "enrich-small":  # all the work, but write the raw value (size effect)
             work = inner
 
@@ -183,6 +190,7 @@ async def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode, "events": counters.records_in, "enriched": counters.enriched, "dlq": counters.dlq,
         "duplicates": counters.duplicates, "batches": counters.batches, "aborted": counters.aborted,
         "rewound": counters.rewound, "transforms": calls[0],
+        "source": sys.modules[Worker.__module__].__file__,
         "seconds": ended - started[0] if started else float("nan"),
         "cpu_seconds": cpu_end - started[1] if started else float("nan"),
     }
@@ -192,7 +200,7 @@ async def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child(mode: str, bootstrap: str, raw: str, events: int, batch_size: int, asn_db: str | None,
-          profile: str | None) -> dict[str, Any]:
+          profile: str | None, tree: Path | None = None) -> dict[str, Any]:
     token = uuid.uuid4().hex[:8]
     command = [sys.executable]
     if profile:
@@ -203,10 +211,15 @@ def child(mode: str, bootstrap: str, raw: str, events: int, batch_size: int, asn
                 "--events", str(events), "--batch-size", str(batch_size)]
     if asn_db:
         command += ["--asn-db", asn_db]
+    if mode == "enrich-compare":
+        assert tree is not None
+        command += ["--tree", str(tree)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{mode} worker failed ({result.returncode}):\n{result.stderr[-4000:]}")
     report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    if tree is not None and mode == "enrich-compare" and not report["source"].startswith(str(tree)):
+        raise SystemExit(f"{mode} worker ran {report['source']}, not the code under {tree}")
     if report["events"] < events:
         raise SystemExit(f"{mode} worker processed only {report['events']} of {events} events")
     return report
@@ -225,6 +238,15 @@ def build_asn_db(directory: Path) -> str:
     return str(build_mmdb(directory / "bench-asn.mmdb", networks, database_type="GeoLite2-ASN"))
 
 
+def extract_revision(revision: str, directory: Path) -> Path:
+    """``enrich/`` and ``falco_gitlab/`` as they are in ``revision``, under ``directory``."""
+    directory.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", revision, "enrich", "falco_gitlab"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=30_000)
@@ -232,20 +254,27 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2,
                         help="alternate the workers this many times; medians (and best runs) reported")
+    parser.add_argument("--warmup", type=int, default=1, metavar="N",
+                        help="unreported runs of each worker before the rounds (default 1)")
     parser.add_argument("--profile", metavar="PREFIX", help="write cProfile output of each worker run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     # child mode (internal)
     parser.add_argument("--diagnose", action="store_true",
                         help="also run enrich writing the raw value (work without the larger output) and "
                              "pass-through writing a value of enriched size (larger output without work)")
+    parser.add_argument("--compare", metavar="REV",
+                        help="also run enrich as it is in git revision REV, in every round")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    for name in ("--bootstrap", "--raw", "--out", "--dlq", "--group", "--asn-db"):
+    for name in ("--bootstrap", "--raw", "--out", "--dlq", "--group", "--asn-db", "--tree"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=600, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         import logging
+
+        if args.tree:  # the revision compared: its enrich and falco_gitlab packages come first
+            sys.path.insert(0, args.tree)
 
         logging.basicConfig(level=logging.WARNING)
         args.mode = args.child
@@ -268,11 +297,23 @@ def main() -> int:
         print(f"filled {raw} ({args.partitions} partitions) with {args.events} events in "
               f"{time.perf_counter() - started:.1f} s on {bootstrap}", file=sys.stderr)
         asn_db = build_asn_db(tmp)
-        modes = MODES if args.diagnose else MODES[:2]
+        modes = list(MODES[:4] if args.diagnose else MODES[:2])
+        tree = None
+        if args.compare:
+            tree = extract_revision(args.compare, tmp / "compare")
+            modes.append("enrich-compare")
         results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        # A fresh broker serves the first runs much slower (JIT warm-up), which would count against
+        # whichever worker runs first: one unreported run of each kind first.
+        for _ in range(args.warmup):
+            for mode in ("passthrough", "enrich"):
+                report = child(mode, bootstrap, raw, args.events, args.batch_size, asn_db, None, tree)
+                print(f"  warm-up {mode}: {report['events'] / report['seconds']:.0f} events/s",
+                      file=sys.stderr)
         for _ in range(args.rounds):
             for mode in modes:
-                report = child(mode, bootstrap, raw, args.events, args.batch_size, asn_db, args.profile)
+                report = child(mode, bootstrap, raw, args.events, args.batch_size, asn_db, args.profile,
+                               tree)
                 results[mode].append(report)
                 print(f"  {mode}: {report['events'] / report['seconds']:.0f} events/s", file=sys.stderr)
     finally:
@@ -293,11 +334,12 @@ def print_table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespa
         return float(1e6 * run["cpu_seconds"] / run["events"])
 
     print(f"\none worker, {args.events} events, batch {args.batch_size}, {args.partitions} partitions, "
-          f"{args.rounds} round(s): median (best); cpu_count={os.cpu_count()}")
+          f"{args.warmup} warm-up + {args.rounds} round(s): median (best); cpu_count={os.cpu_count()}")
     print(f"{'worker':<16}{'events/s':>17}{'CPU µs/event':>19}{'DLQ':>6}")
     for mode, label in LABELS.items():
         if mode not in results:
             continue
+        label = label.replace("REV", str(args.compare))
         runs = results[mode]
         print(f"{label:<16}{statistics.median(map(rate, runs)):>9.0f} ({max(map(rate, runs)):>5.0f})"
               f"{statistics.median(map(cpu, runs)):>12.1f} ({min(map(cpu, runs)):>4.1f})"
@@ -308,6 +350,12 @@ def print_table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespa
     print(f"ratio enrich / pass-through (events/s): {of_medians:.0%} of the medians, "
           f"{statistics.median(per_round):.0%} median of the rounds, "
           f"{max(enrich_rates) / max(pass_rates):.0%} of the best")
+    if "enrich-compare" in results:
+        old_rates = list(map(rate, results["enrich-compare"]))
+        old_ratio = statistics.median([o / p for o, p in zip(old_rates, pass_rates, strict=True)])
+        print(f"ratio enrich ({args.compare}) / pass-through (events/s): "
+              f"{statistics.median(old_rates) / statistics.median(pass_rates):.0%} of the medians, "
+              f"{old_ratio:.0%} median of the rounds, {max(old_rates) / max(pass_rates):.0%} of the best")
 
 
 if __name__ == "__main__":

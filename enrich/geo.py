@@ -234,6 +234,11 @@ class GeoIP:
         self._broken: dict[str, Signature | None] = {}  # last signature that failed to load
         self.reloads = 0
         self.reload_failures = 0
+        # Results callers derive from lookups (enrich keeps what it derives from one client address
+        # here, see enrich.flatten.event_fields); emptied whenever the databases change, in the same
+        # step as the lookup cache, so nothing derived from an old database outlives it.
+        self.derived: dict[Any, Any] = {}
+        self.derived_hits = 0  # answers callers took from ``derived`` (counted by them), in cache_info
         self._cached: Callable[[str], GeoInfo | None] = self._make_cached()
         for kind, path in self._paths.items():
             if path is not None:
@@ -251,9 +256,17 @@ class GeoIP:
         return self._cached(ip)
 
     def cache_info(self) -> Any:
-        return getattr(self._cached, "cache_info", lambda: None)()
+        """The lookup cache's statistics; hits include the answers taken from ``derived``."""
+        info = getattr(self._cached, "cache_info", lambda: None)()
+        return info._replace(hits=info.hits + self.derived_hits) if info is not None else None
+
+    @property
+    def cache_size(self) -> int:
+        return self._cache_size
 
     def _make_cached(self) -> Callable[[str], GeoInfo | None]:
+        self.derived.clear()
+        self.derived_hits = 0
         resolve = _resolver(self._dbs["city"], self._dbs["asn"])
         return functools.lru_cache(maxsize=self._cache_size)(resolve)
 

@@ -58,7 +58,7 @@ async def main(config: EnrichConfig, *, passthrough: bool = False) -> int:
 
     counters = Counters()
     transform = passthrough_transform if passthrough else enrich_transform(
-        geo.lookup if geo is not None and geo.enabled else None)
+        geo if geo is not None and geo.enabled else None)
     worker = Worker(config, transform, transactional_id=txn_id, counters=counters)
 
     stop = asyncio.Event()

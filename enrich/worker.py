@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import (
@@ -37,7 +38,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from enrich.config import EnrichConfig
 from enrich.dlq import dlq_headers
-from enrich.flatten import GeoLookup, MalformedEvent, flatten_encoded
+from enrich.flatten import AddressCache, GeoLookup, LocalAddresses, MalformedEvent, event_fields
+from enrich.geo import GeoIP
 from enrich.metrics import Counters
 from falco_gitlab.contract import (
     HDR_DESTINATION,
@@ -46,6 +48,7 @@ from falco_gitlab.contract import (
     HDR_RECEIVED_AT,
 )
 from falco_gitlab.kafka_security import aiokafka_security_options
+from falco_gitlab.model import ENRICHED_SCHEMA_VERSION
 
 log = logging.getLogger("enrich.worker")
 
@@ -65,6 +68,11 @@ OFFSETS_VISIBLE_TIMEOUT_S: Final = 5.0
 # Record keys whose output partition is remembered (actor keys: a few per active user).
 _PARTITION_CACHE_SIZE: Final = 65_536
 _estimate_size: Final = DefaultRecordBatchBuilder.estimate_size_in_bytes
+# enrich_transform: distinct header values kept decoded, and the initial size of its output buffer
+# (it grows to the largest record seen).
+_HEADER_TEXTS: Final = 4096
+_OUTPUT_BUFFER: Final = 8192
+_encoder: Final = msgspec.msgpack.Encoder()
 
 
 class FatalWorkerError(Exception):
@@ -74,24 +82,50 @@ class FatalWorkerError(Exception):
 # --- transforms ------------------------------------------------------------------------------------
 
 
-def enrich_transform(geo: GeoLookup | None) -> Transform:
-    """Decode + flatten + geolocate + encode: the real work of enrich."""
+def enrich_transform(geo: GeoIP | GeoLookup | None) -> Transform:
+    """Decode + flatten + geolocate + encode: the real work of enrich.
+
+    With a ``GeoIP`` (rather than just a lookup function), what is derived from each client address
+    is cached in it as well (``GeoIP.derived``, emptied when a database is reloaded); without
+    geolocation it is cached here. The returned function reuses one output buffer: call it from one
+    thread at a time (the worker calls it from its event loop only)."""
+    lookup: GeoLookup | None
+    addresses: AddressCache | None
+    if isinstance(geo, GeoIP):
+        lookup, addresses = geo.lookup, geo
+    elif geo is None:
+        lookup, addresses = None, LocalAddresses()  # nothing that could change
+    else:
+        lookup, addresses = geo, None  # a function that may answer differently later: no cache
+    # Header values decoded once: destinations and event types are a small set that repeats.
+    texts: dict[bytes, str] = {}
+    buffer = bytearray(_OUTPUT_BUFFER)
+    encode_into = _encoder.encode_into
+
+    def text(header: bytes) -> str:
+        if len(texts) >= _HEADER_TEXTS:
+            texts.clear()
+        decoded = texts[header] = header.decode("utf-8", "replace")
+        return decoded
 
     def transform(value: bytes | None, headers: RecordHeaders, timestamp_ms: int) -> bytes:
         if value is None:
             raise MalformedEvent("record has no value")
-        destination = event_type = received = None
-        for key, header in headers:
-            if key == HDR_DESTINATION:
-                destination = header.decode("utf-8", "replace") if header is not None else None
-            elif key == HDR_EVENT_TYPE:
-                event_type = header.decode("utf-8", "replace") if header is not None else None
-            elif key == HDR_RECEIVED_AT:
-                received = header
-        received_at_ns = timestamp_ms * 1_000_000 if timestamp_ms >= 0 else time.time_ns()
-        if received is not None and received.isdigit():
-            received_at_ns = int(received)
-        return flatten_encoded(value, destination, event_type, received_at_ns, geo)
+        found = dict(headers)  # a repeated header: the last one counts
+        header = found.get(HDR_DESTINATION)
+        destination = None if header is None else texts.get(header) or text(header)
+        header = found.get(HDR_EVENT_TYPE)
+        event_type = None if header is None else texts.get(header) or text(header)
+        ts, fields = event_fields(value, destination, event_type, lookup, addresses)
+        if ts is None:  # no usable created_at: the receive time, from ingest's header or Kafka's
+            received = found.get(HDR_RECEIVED_AT)
+            ts = timestamp_ms * 1_000_000 if timestamp_ms >= 0 else time.time_ns()
+            if received is not None and received.isdigit():
+                ts = int(received)
+        # Into a buffer that keeps its size, then one exact copy: cheaper than letting the encoder
+        # grow a fresh one for every record.
+        encode_into((ENRICHED_SCHEMA_VERSION, ts, fields, value), buffer)
+        return bytes(buffer)
 
     return transform
 

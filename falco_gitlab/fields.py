@@ -9,8 +9,11 @@ out of the result, so Falco sees it as absent (``exists`` works, outputs show ``
 
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
 import ipaddress
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -163,6 +166,9 @@ _ARGUMENTS: Final = frozenset(("event", "details", *INPUTS))
 _EVENT_ATTRIBUTES: Final = frozenset(AuditEvent.__struct_fields__)
 _DETAILS_ATTRIBUTES: Final = frozenset(Details.__struct_fields__)
 _GEO_ATTRIBUTES: Final = frozenset(GeoInfo.__struct_fields__)
+# Attributes typed Id (a number or a string): rendered testing for a number first.
+_ID_ATTRIBUTES: Final = frozenset(f.name for f in msgspec.structs.fields(AuditEvent)
+                                  if set(typing.get_args(f.type)) == {int, str, type(None)})
 
 
 def _check(name: str, allowed: frozenset[str], what: str) -> None:
@@ -174,7 +180,8 @@ class _Generator:
     """Source text of generated functions, the objects it refers to, and shared computations."""
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {"render": render, "_NO_GEO": _NO_GEO, "FieldContext": FieldContext}
+        self.namespace: dict[str, Any] = {"render": render, "_NO_GEO": _NO_GEO, "FieldContext": FieldContext,
+                                          "UNSET": msgspec.UNSET}
         self.shared: dict[Any, tuple[str, list[str]]] = {}  # key -> (local name prefix, its statements)
 
     def ref(self, obj: object) -> str:
@@ -186,6 +193,11 @@ class _Generator:
         name = f"{label if label.isidentifier() else '_ref'}_{len(self.namespace)}"
         self.namespace[name] = obj
         return name
+
+    def bind(self, name: str, obj: object) -> None:
+        """Make ``obj`` a global of the generated module under its own ``name`` (inline expressions)."""
+        if self.namespace.setdefault(name, obj) is not obj:
+            raise ValueError(f"generated code already has a global {name!r}")
 
     def share(self, key: Any, make: Callable[[str], list[str]]) -> str:
         """Statements computed once per event however many fields use them; returns their prefix."""
@@ -235,7 +247,16 @@ class Detail(Spec):
         _check(self.name, _DETAILS_ATTRIBUTES, "a Details attribute")
 
     def statements(self, gen: _Generator) -> tuple[list[str], bool]:
+        if _unset_by_default(Details, self.name):
+            # UNSET (the key is missing) renders as absent, like None; saying so here spares a call.
+            return [f"v = details.{self.name}", "if v is UNSET:", "    v = None"], True
         return [f"v = details.{self.name}"], True
+
+
+def _unset_by_default(model: type[msgspec.Struct], name: str) -> bool:
+    fields, defaults = model.__struct_fields__, model.__struct_defaults__
+    index = fields.index(name) - (len(fields) - len(defaults))
+    return index >= 0 and defaults[index] is msgspec.UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +270,12 @@ class DetailKey(Spec):
         _check(self.name, _DETAILS_ATTRIBUTES, "a Details attribute")
 
     def statements(self, gen: _Generator) -> tuple[list[str], bool]:
-        return [f"v = details.{self.name}", f"v = v.get({self.key!r}) if isinstance(v, dict) else None"], True
+        # The object is looked at once per event however many of its keys are fields.
+        prefix = gen.share(("detail-object", self.name), lambda prefix: [
+            f"{prefix} = details.{self.name}",
+            f"if not isinstance({prefix}, dict):",
+            f"    {prefix} = None"])
+        return [f"v = {prefix}.get({self.key!r}) if {prefix} is not None else None"], True
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,17 +333,42 @@ class Geo(Spec):
 
 @dataclass(frozen=True, slots=True)
 class Call(Spec):
-    """``function(*arguments)``: a function of the event, its details and/or ``INPUTS`` (by name)."""
+    """``function(*arguments)``: a function of the event, its details and/or ``INPUTS`` (by name).
+
+    ``inline``, if given, is a Python expression of the same arguments (and of names global in the
+    function's module) that gives the same value; the generated code evaluates it instead of making a
+    call, which costs more than the work of a small function. ``function`` stays the definition (the
+    tests compare the two).
+    """
 
     function: Callable[..., FieldValue | None]
     arguments: tuple[str, ...]
+    inline: str | None = None
 
     def __post_init__(self) -> None:
         for name in self.arguments:
             _check(name, _ARGUMENTS, "a Call argument")
+        if self.inline is not None:
+            module = getattr(self.function, "__globals__", {})
+            unknown = sorted(name for name in _names(self.inline) if name not in self.arguments
+                             and name not in module and not hasattr(builtins, name))
+            if unknown:
+                raise ValueError(f"inline expression {self.inline!r} uses unknown names {unknown}")
 
     def statements(self, gen: _Generator) -> tuple[list[str], bool]:
-        return [f"v = {gen.ref(self.function)}({', '.join(self.arguments)})"], False
+        if self.inline is None:
+            return [f"v = {gen.ref(self.function)}({', '.join(self.arguments)})"], False
+        module = getattr(self.function, "__globals__", {})
+        for name in _names(self.inline):
+            if name not in self.arguments and name in module:
+                gen.bind(name, module[name])
+        return [f"v = {self.inline}"], False
+
+
+def _names(expression: str) -> set[str]:
+    """The variable names an expression reads (not attribute names)."""
+    tree = ast.parse(expression, mode="eval")
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
 
 # A field's computation: a description above, or any function of the FieldContext (called as is).
@@ -343,16 +394,31 @@ def _statements(gen: _Generator, how: How) -> tuple[list[str], bool]:
 _RENDER: Final = "str(v) if type(v) is int else render(v)"
 
 
-def _store(name: str, rendered: bool) -> list[str]:
+def _store(name: str, rendered: bool, number_first: bool = False) -> list[str]:
     """Statements that put ``v`` into ``out`` unless it is absent."""
     if not rendered:
         return ["if v is not None:", f"    out[{name!r}] = v"]
-    return ["if type(v) is str:",
-            f"    out[{name!r}] = v",
-            "elif v is not None:",
-            f"    v = {_RENDER}",
-            "    if v is not None:",
-            f"        out[{name!r}] = v"]
+    if number_first:  # ids: GitLab sends numbers, sometimes strings (UUIDs)
+        return ["if v is not None:",
+                "    if type(v) is int:",
+                f"        out[{name!r}] = str(v)",
+                "    elif type(v) is str:",
+                f"        out[{name!r}] = v",
+                "    else:",
+                "        v = render(v)",
+                "        if v is not None:",
+                f"            out[{name!r}] = v"]
+    # Absent first: about half of the fields of an event are, and that test is the cheapest; then
+    # text, then numbers (ids), then the rest through render.
+    return ["if v is not None:",
+            "    if type(v) is str:",
+            f"        out[{name!r}] = v",
+            "    elif type(v) is int:",
+            f"        out[{name!r}] = str(v)",
+            "    else:",
+            "        v = render(v)",
+            "        if v is not None:",
+            f"            out[{name!r}] = v"]
 
 
 def _exec(gen: _Generator, source: str, name: str) -> Any:
@@ -391,22 +457,30 @@ def _compile_all(fields: tuple[Field, ...]) -> tuple[Callable[..., dict[str, Fie
     gen = _Generator()
     lines = [f"def compute_event_fields({', '.join(_PARAMETERS)}, ctx=None):",
              "    details = event.details",
-             "    if geo is None:",
-             "        geo = _NO_GEO",
              "    out = {}"]
     emitted: set[str] = set()
+    in_geo = False  # inside an "if geo is not None:" block
     for f in fields:
         if f.how is None:
             continue
         body, rendered = _statements(gen, f.how)
+        # Consecutive GeoInfo fields share one test: most addresses have no GeoInfo (private, unknown),
+        # and then none of them is looked at.
+        geo = isinstance(f.how, Geo)
+        if geo and not in_geo:
+            lines.append("    if geo is not None:")
+        in_geo = geo
+        indent = "        " if geo else "    "
         for prefix, shared in gen.shared.values():
             if prefix not in emitted:
                 emitted.add(prefix)
                 lines += ["    " + line for line in shared]
-        lines += ["    " + line for line in body + _store(f.name, rendered)]
+        ids = isinstance(f.how, Attr) and f.how.name in _ID_ATTRIBUTES
+        lines += [indent + line for line in body + _store(f.name, rendered, ids)]
     lines.append("    return out")
     source = "\n".join(lines) + "\n"
     return _exec(gen, source, "compute_event_fields"), source
+
 
 
 # --- the catalogue ---------------------------------------------------------------------------------
@@ -420,7 +494,8 @@ CATALOGUE: Final[tuple[Field, ...]] = (
           Attr("id"), legacy=True),
     Field("event_type", S, "GitLab audit event type, e.g. user_impersonation",
           "event_type, else the X-Gitlab-Audit-Event-Type header",
-          Call(_event_type, ("event", "header_event_type")), legacy=True),
+          Call(_event_type, ("event", "header_event_type"), "event.event_type or header_event_type"),
+          legacy=True),
     Field("author_id", S, "ID of the author (-1 unauthenticated, -2 deploy token, -3 deploy key, -4 indexer)",
           "author_id as a decimal string", Attr("author_id"), legacy=True),
     Field("author_name", S, "Name of the author (for failed logins: the attempted user name)",
@@ -474,8 +549,8 @@ CATALOGUE: Final[tuple[Field, ...]] = (
           "target_details, else details.target_details",
           Attr("target_details", details=True), legacy=True),
     Field("pluginerrormessage", S, "Problems met while processing the event, if any",
-          "messages from enrich (e.g. an unparseable created_at or address)", Call(_errors, ("errors",)),
-          legacy=True),
+          "messages from enrich (e.g. an unparseable created_at or address)",
+          Call(_errors, ("errors",), "'; '.join(errors) if errors else None"), legacy=True),
     # New fields.
     Field("destination", S, "Name of the streaming destination (GitLab instance or group) that sent it",
           "the ingest destination whose token authenticated the request", Input("destination")),
@@ -483,7 +558,10 @@ CATALOGUE: Final[tuple[Field, ...]] = (
           Detail("event_name")),
     Field("author_kind", S,
           "Kind of author: user, unauthenticated, deploy_token, deploy_key, indexer, system",
-          "derived from author_id", Call(_author_kind, ("event",))),
+          "derived from author_id",
+          # a user (the usual case) without a call
+          Call(_author_kind, ("event",),
+               "'user' if type(event.author_id) is int and event.author_id > 0 else _author_kind(event)")),
     Field("git_protocol", S, "Protocol of a repository git operation: ssh, http or web",
           "details.custom_message.protocol when custom_message is an object",
           DetailKey("custom_message", "protocol")),

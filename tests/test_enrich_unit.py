@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enrich import config as enrich_config
 from enrich import geo as geo_module
 from enrich.config import EnrichConfig
 from enrich.dlq import MAX_REASON, dlq_headers
-from enrich.flatten import MalformedEvent, flatten, flatten_encoded
+from enrich.flatten import MalformedEvent, flatten, flatten_encoded, parse_created_at
 from enrich.geo import GeoDatabaseError, GeoIP
 from enrich.metrics import Counters, prometheus_text, serve
 from enrich.worker import UidWindow, Worker, enrich_transform, passthrough_transform
@@ -530,3 +535,120 @@ def test_cli_config_error_exits_2(tmp_path: Path) -> None:
     result = _cli("--check-config", "--city-db", str(broken))
     assert result.returncode == 2
     assert "cannot open city database" in result.stderr
+
+
+# --- speed-ups that must not change a byte ------------------------------------------------------------
+
+
+def _transform_fields(transform: Any, raw: bytes, headers: list[tuple[str, bytes]] = HEADERS) -> Any:
+    return decode_enriched(transform(raw, headers, 1)).fields
+
+
+async def test_address_cache_is_emptied_by_a_database_reload(city_copy: Path, tmp_path: Path) -> None:
+    """enrich_transform(GeoIP) caches what it derives from a client address in GeoIP.derived; a reload
+    must empty it together with the lookup cache, or events would keep the old database's answers."""
+    geo = GeoIP(str(city_copy))
+    transform = enrich_transform(geo)
+    raw = seed_payloads()["add_gpg_key"].replace(b"198.41.0.4", b"81.2.69.142")
+    assert _transform_fields(transform, raw)["city"] == "London"
+    assert geo.derived  # the address is cached ...
+    assert _transform_fields(transform, raw)["city"] == "London"  # ... and served from there
+    info = geo.cache_info()
+    assert (info.hits, info.misses) == (1, 1)  # the answer from the address cache counts as a hit
+    replace_file(build_city(tmp_path / "new.mmdb"), city_copy)
+    assert await geo.reload_changed() == ["city"]
+    assert not geo.derived
+    assert _transform_fields(transform, raw)["city"] == "Testville"
+    geo.close()
+    assert not geo.derived
+    assert "city" not in _transform_fields(transform, raw)  # closed: no databases, no geo fields
+
+
+def test_address_cache_gives_what_the_uncached_path_gives(tmp_path: Path) -> None:
+    """Same bytes with and without the address cache, for address shapes that take different paths:
+    blank details address (the top-level one decides, so it is never cached under the blank text),
+    proxy lists, mapped IPv6, private, unknown, not an address, none at all."""
+    geo = GeoIP(str(CITY_TEST_DB), str(build_asn(tmp_path / "asn.mmdb")))
+    cached, uncached = enrich_transform(geo), enrich_transform(geo.lookup)
+    shapes: list[tuple[str | None, str | None]] = [
+        ("81.2.69.142", None), (None, "81.2.69.142"), ("  ", "81.2.69.142"), ("  ", "89.160.20.112"),
+        ("", "2001:218::1"), (" 81.2.69.142 , 10.0.0.1", None), ("::ffff:81.2.69.142", "x"),
+        ("10.1.2.3", None), ("198.41.0.4", None), ("not-an-ip", None), ("not-an-ip, 81.2.69.142", None),
+        (None, None), ("  ", None), (None, "  "), (",81.2.69.142", None),
+    ]
+    for _ in range(2):  # the second time from the cache
+        for detail, top in shapes:
+            event: dict[str, Any] = {"event_type": "x", "details": {}}
+            if detail is not None:
+                event["details"]["ip_address"] = detail
+            if top is not None:
+                event["ip_address"] = top
+            raw = json.dumps(event).encode()
+            assert cached(raw, HEADERS, 1) == uncached(raw, HEADERS, 1), (detail, top)
+            assert cached(raw, HEADERS, 1) == flatten_encoded(raw, "gitlab-main", "add_gpg_key",
+                                                              1707538200000000000, geo.lookup)
+    assert "  " not in geo.derived and "" not in geo.derived
+
+
+def test_address_cache_is_bounded() -> None:
+    geo = GeoIP(str(CITY_TEST_DB), cache_size=3)
+    transform = enrich_transform(geo)
+    for n in range(10):
+        transform(b'{"event_type": "x", "ip_address": "81.2.69.%d"}' % n, HEADERS, 1)
+        assert len(geo.derived) <= 3
+
+
+def test_transform_headers_last_one_counts_and_bad_utf8_is_replaced() -> None:
+    transform = enrich_transform(None)
+    headers = [("gitlab-destination", b"first"), ("gitlab-event-type", b"t\xff"),
+               ("gitlab-destination", b"second"), ("gitlab-received-at", b"5")]
+    for _ in range(2):  # the second time from the decoded-header cache
+        record = decode_enriched(transform(b'{"id": 1}', headers, 1))
+        assert record.fields["destination"] == "second"
+        assert record.fields["event_type"] == "t\ufffd"
+        assert record.ts == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(moment=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                           timezones=st.sampled_from([UTC, timezone(timedelta(hours=-11)),
+                                                      timezone(timedelta(hours=5, minutes=30)),
+                                                      timezone(timedelta(seconds=3601, microseconds=5))])),
+       style=st.sampled_from(["milliseconds", "microseconds", "seconds", "auto"]),
+       zulu=st.booleans())
+def test_parse_created_at_equals_the_timestamp_formula(moment: datetime, style: str, zulu: bool) -> None:
+    """parse_created_at computes whole seconds in integers where that equals int(timestamp()); it
+    must give what the float formula gives (or fail the same way) for every time and offset."""
+    text = moment.isoformat(timespec=style)
+    if zulu and moment.utcoffset() == timedelta(0):
+        text = text.replace("+00:00", "Z")
+
+    def reference(text: str) -> int:
+        value = datetime.fromisoformat(text)
+        assert value.tzinfo is not None
+        ns = int(value.timestamp()) * 1_000_000_000 + value.microsecond * 1_000
+        if not 0 <= ns < 2**63:
+            raise ValueError("out of range")
+        return ns
+
+    try:
+        expected: int | None = reference(text)
+    except (ValueError, OverflowError):
+        expected = None
+    try:
+        got: int | None = parse_created_at(text)
+    except (ValueError, OverflowError):
+        got = None
+    assert got == expected, text
+
+
+def test_parse_created_at_edges() -> None:
+    assert parse_created_at("2024-02-10T04:09:24.597Z") == 1707538164597000000
+    assert parse_created_at("1970-01-01T00:00:00Z") == 0
+    assert parse_created_at("1970-01-01T01:00:00.5+01:00") == 500_000_000  # the local microseconds
+    with pytest.raises(ValueError, match="no time zone"):
+        parse_created_at("2024-02-10T04:09:24.597")
+    with pytest.raises(ValueError, match="outside the range"):
+        parse_created_at("1969-12-31T23:59:58Z")
+    with pytest.raises(ValueError, match="outside the range"):
+        parse_created_at("2262-04-12T00:00:00Z")
