@@ -58,10 +58,8 @@ class PublishError(Exception):
     ``fatal``: the producer itself can deliver no more (idempotence state lost); it must be replaced.
     """
 
-    def __init__(self, message: str, *, code: int | None = None, permanent: bool = False,
-                 fatal: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, fatal: bool = False) -> None:
         super().__init__(message)
-        self.code = code
         self.permanent = permanent
         self.fatal = fatal
 
@@ -76,11 +74,9 @@ def describe(error: BaseException) -> str:
 
 
 def _publish_error(error: KafkaError) -> PublishError:
-    code = error.code()
     return PublishError(
         f"{error.name()}: {error.str()}",
-        code=code,
-        permanent=code in _PERMANENT_CODES,
+        permanent=error.code() in _PERMANENT_CODES,
         fatal=error.fatal(),
     )
 
@@ -190,15 +186,10 @@ class KafkaPublisher:
         Records still unacknowledged after that are failed (their futures raise) rather than left to a
         background thread: they stay in the spool, and the next start sends them.
         """
-        producer, poller = self._producer, self._poller
-        self._producer = self._poller = None
-        if producer is None or poller is None:
+        producer = self._detach()
+        if producer is None:
             return
-        poller.stop()
-        deadline = time.monotonic() + wait_s
-        while len(producer) and time.monotonic() < deadline:
-            producer.poll(0)
-            await asyncio.sleep(_POLL_BUSY_S)
+        await _serve_reports(producer, wait_s)
         if len(producer):
             log.warning("kafka: records still unacknowledged at shutdown; they stay in the spool",
                         extra={"records": len(producer)})
@@ -206,23 +197,32 @@ class KafkaPublisher:
 
     async def discard(self) -> None:
         """Drop a broken producer (after failing whatever it still holds)."""
+        producer = self._detach()
+        if producer is not None:
+            await _abandon(producer)
+
+    def _detach(self) -> Producer | None:
         producer, poller = self._producer, self._poller
         self._producer = self._poller = None
-        if producer is None or poller is None:
+        if poller is not None:
+            poller.stop()
+        return producer
+
+
+async def _serve_reports(producer: Producer, seconds: float) -> None:
+    """Serve delivery reports on the loop until none is outstanding or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        producer.poll(0)
+        if not len(producer) or time.monotonic() >= deadline:
             return
-        poller.stop()
-        await _abandon(producer)
+        await asyncio.sleep(_POLL_BUSY_S)
 
 
 async def _abandon(producer: Producer) -> None:
     # Purged records get their delivery report (an error) from the next polls: every future resolves.
     producer.purge(in_queue=True, in_flight=True, blocking=False)
-    deadline = time.monotonic() + _PURGE_REPORTS_S
-    while True:
-        producer.poll(0)
-        if not len(producer) or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(_POLL_BUSY_S)
+    await _serve_reports(producer, _PURGE_REPORTS_S)
     await asyncio.to_thread(_destroy, producer)
 
 
