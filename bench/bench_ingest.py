@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +52,20 @@ PHASES = ("fixed", "saturation", "arrays")
 # --------------------------------------------------------------------------------------------- baseline
 
 
-def baseline_main(host: str, port: int) -> int:
-    """The baseline server: reads the body, answers 200, publishes nothing (same loop as ingest)."""
+def _serve_minimal(host: str, port: int, receive: Any, setup: Any = None, teardown: Any = None) -> int:
+    """Serve ``receive`` for every POST (and /healthz) with aiohttp's application and router, on the event
+    loop `falco-gitlab ingest` uses by default (uvloop when installed), until SIGTERM/SIGINT."""
     import asyncio
     import signal
 
     from aiohttp import web
 
-    async def receive(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(text="ok\n")
-
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def serve() -> None:
+        if setup is not None:
+            await setup()
         app = web.Application(client_max_size=1_048_577)
         app.router.add_get("/healthz", healthz)
         app.router.add_post("/{path:.*}", receive)
@@ -78,12 +78,78 @@ def baseline_main(host: str, port: int) -> int:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         await runner.cleanup()
+        if teardown is not None:
+            await teardown()
 
-    # The event loop `falco-gitlab ingest` uses by default (uvloop when installed): a fair comparison.
     from ingest.cli import run_async
 
     run_async(serve(), os.environ.get("BENCH_EVENT_LOOP", "auto"))
     return 0
+
+
+def baseline_main(host: str, port: int) -> int:
+    """The baseline server: reads the body, answers 200, publishes nothing."""
+    from aiohttp import web
+
+    async def receive(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="ok\n")
+
+    return _serve_minimal(host, port, receive)
+
+
+def floor_main(host: str, port: int, bootstrap: str, topic: str) -> int:
+    """The Kafka FLOOR: the baseline plus the least that publishing can cost. Each body is produced as
+    one record with ingest's producer settings (librdkafka, acks=all, idempotent, linger 2 ms, reports
+    served on the loop by a 1 ms timer while records are in flight) and answered 200 once Kafka
+    acknowledged it. No authentication, parsing, de-duplication, headers, spool or metrics: what ingest
+    costs above this is its own work."""
+    import asyncio
+
+    from aiohttp import web
+    from confluent_kafka import KafkaError, Producer
+
+    producer = Producer({
+        "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 2,
+        "partitioner": "murmur2_random",
+    })
+    producer.list_topics(topic, 10)
+    timer: asyncio.TimerHandle | None = None
+    busy = False
+
+    def poll() -> None:
+        nonlocal busy, timer
+        producer.poll(0)
+        busy = len(producer) > 0
+        timer = asyncio.get_running_loop().call_later(0.001 if busy else 0.05, poll)
+
+    def report(future: asyncio.Future[None], error: KafkaError | None, _message: Any) -> None:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(RuntimeError(error.str()))
+
+    async def receive(request: web.Request) -> web.Response:
+        nonlocal busy, timer
+        body = await request.read()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        producer.produce(topic, body, on_delivery=partial(report, future))
+        if not busy:  # serve reports every millisecond from now on
+            busy = True
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_later(0.001, poll)
+        await future
+        return web.Response(text="ok\n")
+
+    async def start_polling() -> None:
+        poll()
+
+    async def flush() -> None:
+        await asyncio.to_thread(producer.flush, 10)
+
+    return _serve_minimal(host, port, receive, start_polling, flush)
 
 
 # --------------------------------------------------------------------------------------------- servers
@@ -91,18 +157,23 @@ def baseline_main(host: str, port: int) -> int:
 
 @dataclass
 class Server:
-    name: str  # "baseline", "ingest", "ingest@<ref>"
+    name: str  # "baseline", "floor", "ingest", "ingest@<ref>"
     label: str
     port: int
+    kind: str = "ingest"  # "baseline" | "floor" | "ingest"
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
-    topic: str | None = None  # ingest: its raw topic
-    accepted: int = 0  # ingest: events answered 200/202 (what the raw topic must hold)
+    topic: str | None = None  # ingest, floor: the topic it publishes to
+    accepted: int = 0  # ingest, floor: events answered 200/202 (what the topic must hold)
     best: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def is_ingest(self) -> bool:
-        return self.topic is not None
+        return self.kind == "ingest"
+
+    @property
+    def publishes(self) -> bool:
+        return self.kind != "baseline"
 
 
 def write_ingest_config(
@@ -168,7 +239,9 @@ def start_ingest(
 # --------------------------------------------------------------------------------------------- phases
 
 
-def phase_spec(args: argparse.Namespace, phase: str, port: int, token: str, start_n: int) -> common.LoadSpec:
+def phase_spec(
+    args: argparse.Namespace, phase: str, port: int, token: str, start_n: int, *, ingest: bool = True
+) -> common.LoadSpec:
     spec = common.LoadSpec(
         host="127.0.0.1",
         port=port,
@@ -178,7 +251,11 @@ def phase_spec(args: argparse.Namespace, phase: str, port: int, token: str, star
         client=args.client,
     )
     if phase == "warmup":
-        spec.mode, spec.conns, spec.duration = "closed", 16, 2.0
+        # Ingest at saturation: the broker's JIT compiles its produce path only under load (its CPU per
+        # record falls about fourfold over the first ~20 s), and a production broker is warm.
+        spec.mode, spec.conns, spec.duration = "closed", args.conns, args.warmup
+        if not ingest:  # the baseline talks to no broker: a moment for its imports and connections
+            spec.duration = min(args.warmup, 2.0)
     elif phase == "fixed":
         spec.mode, spec.rate, spec.duration, spec.conns = "open", args.rate, args.duration, 16
     elif phase == "saturation":
@@ -204,12 +281,12 @@ def run_phase(
     broker_pid: int | None,
     rnd: int,
 ) -> dict[str, Any]:
-    spec = phase_spec(args, phase, server.port, token, start_n)
+    spec = phase_spec(args, phase, server.port, token, start_n, ingest=server.publishes)
     pid = server.proc.pid if server.proc else None
-    meter = common.CpuMeter({"server": pid, "broker": broker_pid if server.is_ingest else None}).start()
+    meter = common.CpuMeter({"server": pid, "broker": broker_pid if server.publishes else None}).start()
     profiler = None
-    if args.py_spy and server.name == "ingest" and phase == "saturation" and pid:
-        out = Path(f"{args.py_spy}-round{rnd}.txt")
+    if args.py_spy and phase == "saturation" and pid:
+        out = Path(f"{args.py_spy}-{server.name}-round{rnd}.txt")
         profiler = procs.start(
             "py-spy",
             [
@@ -306,7 +383,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> str:
                 continue
             lat = r["latency_ms"]
             tput = cpu = None
-            if server.is_ingest and base is not None:
+            if server.publishes and base is not None:
                 if phase != "fixed" and base["events_per_s"]:
                     tput = r["events_per_s"] / base["events_per_s"]
                 if base["server_cpu_ms_per_event"] and r["server_cpu_ms_per_event"]:
@@ -321,9 +398,9 @@ def report(servers: list[Server], args: argparse.Namespace) -> str:
                     common.fmt(lat.get("p99"), 2),
                     common.fmt_ratio(r["server_util"]),
                     common.fmt(r["server_cpu_ms_per_event"], 3),
-                    common.fmt(r["broker_cpu_ms_per_event"], 3) if server.is_ingest else "-",
-                    common.fmt_ratio(tput) if server.is_ingest else "-",
-                    common.fmt_ratio(cpu) if server.is_ingest else "-",
+                    common.fmt(r["broker_cpu_ms_per_event"], 3) if server.publishes else "-",
+                    common.fmt_ratio(tput) if server.publishes else "-",
+                    common.fmt_ratio(cpu) if server.publishes else "-",
                 ]
             )
     return common.format_table(headers, rows)
@@ -370,6 +447,12 @@ def verify_topic(bootstrap: str, server: Server) -> tuple[bool, str]:
 
     count = common.read_topic(bootstrap, server.topic, on_record)
     by_offsets = common.topic_record_count(bootstrap, server.topic)
+    if not server.is_ingest:  # the floor adds no headers: the count alone
+        ok = count == server.accepted == len(ids) == by_offsets
+        return ok, (
+            f"{server.name}: topic holds {count} records ({by_offsets} by offsets), {len(ids)} distinct "
+            f"event ids; {server.accepted} were answered 200 -> {'OK' if ok else 'MISMATCH'}"
+        )
     ok = count == server.accepted == len(uids) == len(ids) == by_offsets
     text = (
         f"{server.name}: raw topic holds {count} records ({by_offsets} by offsets), {len(uids)} distinct "
@@ -397,6 +480,12 @@ def main() -> int:
         "--array", type=int, default=10, help="events per request in the arrays phase (0: skip)"
     )
     parser.add_argument("--rounds", type=int, help="rounds; each figure is the best of them (2; --quick 1)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of saturation load on each server before measuring, so that the broker's JIT is "
+        "warm (20; --quick 15)",
+    )
     parser.add_argument("--partitions", type=int, default=6, help="partitions of the raw topic")
     parser.add_argument(
         "--client", choices=["raw", "aiohttp"], default="raw", help="load generator HTTP client"
@@ -413,19 +502,29 @@ def main() -> int:
         help="also measure ingest/ as it is at this git ref (e.g. HEAD: before your changes)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline server")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the Kafka floor server (baseline + produce, acks=all)"
+    )
     parser.add_argument("--quick", action="store_true", help="one round of shorter phases (about a minute)")
     parser.add_argument(
-        "--py-spy", metavar="PREFIX", help="profile ingest at saturation with py-spy (raw stacks)"
+        "--py-spy",
+        metavar="PREFIX",
+        help="profile every server at saturation with py-spy (raw stacks, PREFIX-<server>-round<n>.txt)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     parser.add_argument("--child-baseline", nargs=2, metavar=("HOST", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-floor", nargs=4, metavar=("HOST", "PORT", "BOOTSTRAP", "TOPIC"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_baseline:
         return baseline_main(args.child_baseline[0], int(args.child_baseline[1]))
+    if args.child_floor:
+        host, port, bootstrap, topic = args.child_floor
+        return floor_main(host, int(port), bootstrap, topic)
     # --quick: one round of shorter phases, unless an option says otherwise.
-    quick = {"rounds": 1, "duration": 5.0, "sat_duration": 5.0, "arr_duration": 3.0}
-    full = {"rounds": 2, "duration": 10.0, "sat_duration": 8.0, "arr_duration": 5.0}
+    quick = {"rounds": 1, "duration": 5.0, "sat_duration": 5.0, "arr_duration": 3.0, "warmup": 15.0}
+    full = {"rounds": 2, "duration": 10.0, "sat_duration": 8.0, "arr_duration": 5.0, "warmup": 20.0}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -441,7 +540,19 @@ def main() -> int:
             token = common.gen_token()
             servers: list[Server] = []
             if not args.no_baseline:
-                servers.append(Server("baseline", "baseline (200, no Kafka)", common.free_port()))
+                servers.append(
+                    Server("baseline", "baseline (200, no Kafka)", common.free_port(), kind="baseline")
+                )
+            if not args.no_floor:
+                servers.append(
+                    Server(
+                        "floor",
+                        "floor (baseline + produce, acks=all)",
+                        common.free_port(),
+                        kind="floor",
+                        topic=f"bench-ingest-floor-{suffix}",
+                    )
+                )
             servers.append(
                 Server("ingest", "ingest (acks=all)", common.free_port(), topic=f"bench-ingest-raw-{suffix}")
             )
@@ -455,17 +566,17 @@ def main() -> int:
                     )
                 )
             for server in servers:
-                if server.name == "baseline":
-                    server.log = workdir / "baseline.log"
+                if server.kind in ("baseline", "floor"):
+                    child = ["--child-baseline", "127.0.0.1", str(server.port)]
+                    if server.kind == "floor":
+                        assert server.topic is not None
+                        common.create_topics(broker.bootstrap, {server.topic: args.partitions})
+                        child = ["--child-floor", "127.0.0.1", str(server.port), broker.bootstrap,
+                                 server.topic]
+                    server.log = workdir / f"{server.kind}.log"
                     server.proc = procs.start(
-                        "baseline",
-                        [
-                            sys.executable,
-                            str(Path(__file__).resolve()),
-                            "--child-baseline",
-                            "127.0.0.1",
-                            str(server.port),
-                        ],
+                        server.kind,
+                        [sys.executable, str(Path(__file__).resolve()), *child],
                         stdout=server.log.open("ab"),
                         stderr=subprocess.STDOUT,
                     )
@@ -500,22 +611,25 @@ def main() -> int:
             )
             next_n = 1
             runs: list[dict[str, Any]] = []
-            for server in servers:  # warm-up: imports, connections, producer metadata
-                r = common.run_loadgen(phase_spec(args, "warmup", server.port, token, next_n), workdir, procs)
+            for server in servers:  # warm-up: imports, connections, producer metadata, the broker's JIT
+                if args.warmup <= 0:
+                    continue
+                r = run_phase(args, procs, workdir, "warmup", server, token, next_n, broker.pid, 0)
                 next_n = r["next_n"]
-                server.accepted += r["ok_events"] if server.is_ingest else 0
+                server.accepted += r["ok_events"] if server.publishes else 0
+                print(progress_line(0, server.name, "warmup", r), flush=True)
             for rnd in range(1, args.rounds + 1):
                 for phase in phases:
                     for server in servers:
                         r = run_phase(args, procs, workdir, phase, server, token, next_n, broker.pid, rnd)
                         next_n = r["next_n"]
-                        server.accepted += r["ok_events"] if server.is_ingest else 0
+                        server.accepted += r["ok_events"] if server.publishes else 0
                         runs.append(r)
                         server.best[phase] = better(phase, server.best.get(phase), r)
                         print(progress_line(rnd, server.name, phase, r), flush=True)
             checks = []
             for server in servers:
-                if server.is_ingest and server.proc is not None:
+                if server.publishes and server.proc is not None:
                     code = procs.stop(server.proc, 40)  # graceful: flushes what it holds
                     if code != 0:
                         print(

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import itertools
 import logging
 import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -96,6 +98,10 @@ class IngestState:
     slot: str = ""
     stopping: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Request ids: 64 random bits per process, then a counter (32 hex digits, unique without a system
+    # call per request; they name records, not secrets).
+    request_id_prefix: str = field(default_factory=lambda: os.urandom(8).hex())
+    request_counter: Iterator[int] = field(default_factory=itertools.count)
     # Requests answered per status, and events accepted, since the last traffic summary.
     traffic: dict[int, int] = field(default_factory=dict)
     traffic_events: int = 0
@@ -307,9 +313,9 @@ class _Request:
 
 
 def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web.Response:
-    response = web.Response(
-        status=status, text=_one_line(text) + "\n", headers={REQUEST_ID_HEADER: ctx.request_id}
-    )
+    # Success texts are ours and one line already; the others may quote what the sender sent.
+    line = text if status < 300 else _one_line(text)
+    response = web.Response(status=status, text=line + "\n", headers={REQUEST_ID_HEADER: ctx.request_id})
     if close:
         response.force_close()
     name = ctx.destination.name if ctx.destination else "unauthenticated"
@@ -393,18 +399,40 @@ class _BodyReader:
 
 async def _receive(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    # 128 random bits as 32 hex digits (like a UUID's hex, without the cost of building one).
-    ctx = _Request(state, request, os.urandom(16).hex(), time.time_ns(), time.monotonic())
+    request_id = f"{state.request_id_prefix}{next(state.request_counter):016x}"
+    ctx = _Request(state, request, request_id, time.time_ns(), time.monotonic())
+    # The usual request (authenticated, body complete with the head) is handled by plain functions around
+    # one await, for the acknowledgements: every coroutine level would be resumed once more per request.
     try:
-        return await _handle(ctx)
+        refusal = _admit(ctx)
+        if refusal is not None:
+            return refusal
+        body = _body_at_hand(ctx)
+        if body is None or len(body) > state.config.server.max_body_bytes:
+            answer = await _read_body(ctx, body or b"")
+            if isinstance(answer, web.Response):
+                return answer
+            body = answer
+        try:
+            batch = _batch(ctx, body)
+        except BodyError as exc:
+            if body.strip():
+                await _dead_letter(ctx, body, str(exc), "malformed")
+            return _reply(ctx, 400, f"malformed body: {exc}")
+        assert state.delivery is not None
+        try:
+            outcome = await state.delivery.deliver(batch.records)
+        except (SpoolFull, SpoolError) as exc:
+            return _not_accepted(ctx, batch, exc)
+        return _accepted(ctx, batch, outcome)
     except Exception:
         log.exception("unexpected error while handling a request", extra={"request_id": ctx.request_id})
         return _reply(ctx, 500, "internal error; see the ingest log for this request id", close=True)
 
 
-async def _handle(ctx: _Request) -> web.Response:
+def _admit(ctx: _Request) -> web.Response | None:
+    """Authenticate the request (and check its source address): None when it may go on, else the refusal."""
     state, request = ctx.state, ctx.request
-    config = state.config
     destination = state.auth.authenticate(request.headers.get(TOKEN_HEADER))
     if destination is None:
         return _reply(ctx, 401, f"missing or invalid {TOKEN_HEADER}", close=True)
@@ -419,27 +447,36 @@ async def _handle(ctx: _Request) -> web.Response:
             return _reply(
                 ctx, 403, f"source address {client} is not allowed for this destination", close=True
             )
+    return None
 
+
+def _body_at_hand(ctx: _Request) -> bytes | None:
+    """The body when it came whole with the head (the usual case: no timer needed), else None."""
+    declared = ctx.request.content_length
+    stream = ctx.request.content
+    if (declared is None or declared <= ctx.state.config.server.max_body_bytes) and stream.is_eof():
+        try:
+            return stream.read_nowait(-1)
+        except (RequestPayloadError, ConnectionError):
+            return None  # _read_body meets the same error and answers it
+    return None
+
+
+async def _read_body(ctx: _Request, head: bytes) -> bytes | web.Response:
+    """The body (``head``: what was read of it already), within ``server.body_timeout_s`` and
+    ``server.max_body_bytes``, or the refusal."""
+    config, request = ctx.state.config, ctx.request
     limit = config.server.max_body_bytes
     declared = request.content_length
     reader = _BodyReader(limit)
-    stream = request.content
-    if (declared is None or declared <= limit) and stream.is_eof():
-        # The usual case: the whole body came with the head, nothing to wait for (no timer needed).
-        try:
-            reader.add(stream.read_nowait(-1))
-        except (RequestPayloadError, ConnectionError) as exc:
-            text = f"request body incomplete: {exc}"
-            if reader.size:
-                await _dead_letter(ctx, reader.data, text, "incomplete")
-            return _reply(ctx, 400, text, close=True)
-    elif declared is not None and declared > limit:
+    reader.add(head)
+    if declared is not None and declared > limit:
         # Do not wait for megabytes we will refuse: keep what is already here, for the dead letter.
         reader.too_large = True
         with contextlib.suppress(TimeoutError, RequestPayloadError, ConnectionError):
             async with asyncio.timeout(min(1.0, config.server.body_timeout_s)):
                 await reader.read(request)
-    else:
+    elif not reader.too_large:
         try:
             async with asyncio.timeout(config.server.body_timeout_s):
                 await reader.read(request)
@@ -459,8 +496,24 @@ async def _handle(ctx: _Request) -> web.Response:
         text = f"body too large: {size}, limit {limit} bytes"
         await _dead_letter(ctx, kept, f"{text}; the first {len(kept)} bytes are kept", "too_large")
         return _reply(ctx, 413, text, close=True)
-    body = reader.data
-    if config.server.debug_json:
+    return reader.data
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A request's events as records to publish."""
+
+    records: list[OutRecord]
+    reserved: list[bytes]  # de-duplication keys held for these records
+    duplicates: int
+
+
+def _batch(ctx: _Request, body: bytes) -> _Batch:
+    """Split the body into records (with their headers), dropping duplicates; raises BodyError."""
+    state, request = ctx.state, ctx.request
+    destination = ctx.destination
+    assert destination is not None
+    if state.config.server.debug_json:
         log.info(
             "received",
             extra={
@@ -470,23 +523,18 @@ async def _handle(ctx: _Request) -> web.Response:
                 "body": body.decode("utf-8", "replace"),
             },
         )
-
-    try:
-        events = split_body(body)
-    except BodyError as exc:
-        if body.strip():
-            await _dead_letter(ctx, body, str(exc), "malformed")
-        return _reply(ctx, 400, f"malformed body: {exc}")
+    events = split_body(body)
     ctx.events = len(events)
     state.metrics.events_received.inc(destination.name, amount=len(events))
 
     header_type = request.headers.get(EVENT_TYPE_HEADER) or None
-    single = len(events) == 1 and body.lstrip()[:1] == b"{"
+    # One object as the whole body (an array's element is a copy of its bytes, never the body itself).
+    single = len(events) == 1 and events[0].raw is body
     received = (HDR_RECEIVED_AT, str(ctx.received_ns).encode())
     request_id = ctx.request_id.encode()
     request_header = (HDR_REQUEST_ID, request_id)
     destination_header = state.destination_headers[destination.name]
-    topic = config.kafka.topic
+    topic = state.config.kafka.topic
     dedup = state.dedup
     records: list[OutRecord] = []
     reserved: list[bytes] = []
@@ -510,25 +558,29 @@ async def _handle(ctx: _Request) -> web.Response:
         records.append(OutRecord(topic, event.key, event.raw, headers))
     if duplicates:
         state.metrics.duplicates.inc(destination.name, amount=duplicates)
+    return _Batch(records, reserved, duplicates)
 
-    assert state.delivery is not None
-    try:
-        outcome = await state.delivery.deliver(records)
-    except (SpoolFull, SpoolError) as exc:
-        if state.dedup is not None:
-            for key in reserved:
-                state.dedup.release(key)
-        state.metrics.spool_full.inc()
-        log.error(
-            "kafka did not acknowledge in time and the spool cannot take the events",
-            extra={"request_id": ctx.request_id, "error": str(exc), "events": len(records)},
-        )
-        return _reply(ctx, 503, "Kafka unavailable and local spool full: events not accepted")
-    noun = "event" if len(records) == 1 else "events"
+
+def _not_accepted(ctx: _Request, batch: _Batch, exc: Exception) -> web.Response:
+    state = ctx.state
+    if state.dedup is not None:
+        for key in batch.reserved:
+            state.dedup.release(key)
+    state.metrics.spool_full.inc()
+    log.error(
+        "kafka did not acknowledge in time and the spool cannot take the events",
+        extra={"request_id": ctx.request_id, "error": str(exc), "events": len(batch.records)},
+    )
+    return _reply(ctx, 503, "Kafka unavailable and local spool full: events not accepted")
+
+
+def _accepted(ctx: _Request, batch: _Batch, outcome: Outcome) -> web.Response:
+    count, duplicates = len(batch.records), batch.duplicates
+    noun = "event" if count == 1 else "events"
     dropped = f", {duplicates} duplicate{'s' if duplicates != 1 else ''} dropped" if duplicates else ""
     if outcome is Outcome.SPOOLED:
-        return _reply(ctx, 202, f"accepted {len(records)} {noun} into the spool{dropped}")
-    return _reply(ctx, 200, f"accepted {len(records)} {noun}{dropped}")
+        return _reply(ctx, 202, f"accepted {count} {noun} into the spool{dropped}")
+    return _reply(ctx, 200, f"accepted {count} {noun}{dropped}")
 
 
 async def _dead_letter(ctx: _Request, value: bytes, reason: str, cause: str) -> None:
@@ -600,6 +652,9 @@ async def serve(config: IngestConfig, *, worker_index: int = 0, stop: asyncio.Ev
             backlog=1024,
         )
         await site.start()
+        # What start-up built lives as long as the process: keep it out of every later collection
+        # (fewer objects for each full collection to traverse on the request path).
+        gc.freeze()
         log.info(
             "listening",
             extra={

@@ -29,14 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 from ingest.metrics import IngestMetrics
-from ingest.publisher import DeliveryFuture, KafkaPublisher, PublishError, describe, is_permanent
+from ingest.publisher import DeliveryFuture, KafkaPublisher, PublishError, describe, is_permanent, settle
 from ingest.records import OutRecord
 from ingest.spool import SlotLock, Spool, SpoolEntry, other_slots, try_lock_slot
 
@@ -206,54 +206,58 @@ class Delivery:
             return Outcome.SPOOLED
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + self._publish_timeout
-        futures: list[DeliveryFuture | None] = [None] * len(records)
+        acks = _Acks(loop, len(records))
         error: BaseException | None = None
         try:
             # Handing over completes at once unless the producer's local queue is full; then the rest
-            # waits for room, under the same deadline (a send() cancelled before it returns never
+            # waits for room, under the same deadline (a hand-over cancelled before it returns never
             # reaches Kafka). Waiting for the acknowledgements never cancels them: a late one still
             # marks the spooled copy done.
-            try_send = self._publisher.try_send
-            queued = 0
-            for record in records:
-                future = try_send(record)
-                if future is None:
+            deadline = started + self._publish_timeout
+            try_send, report = self._publisher.try_send, acks.report
+            for index, record in enumerate(records):
+                if not try_send(record, partial(report, index)):
                     break
-                futures[queued] = future
-                queued += 1
-            if queued < len(records):
+                acks.sent += 1
+            if acks.sent < len(records):
                 async with asyncio.timeout_at(deadline):
-                    for index in range(queued, len(records)):
-                        futures[index] = await self._publisher.send(records[index])
-            await _all_done(futures, deadline)
+                    for index in range(acks.sent, len(records)):
+                        await self._publisher.hand_over(records[index], partial(report, index))
+                        acks.sent += 1
+            if acks.left:
+                # Inline rather than a coroutine of _Acks: one coroutine level less to resume per request.
+                timer = loop.call_at(deadline, acks.expire)
+                try:
+                    await acks.waiter
+                finally:
+                    timer.cancel()
         except TimeoutError:
             pass
         except Exception as exc:
             error = exc
-        if error is None and all(_succeeded(f) for f in futures):
+        if error is None and acks.all_stored:
             self._metrics.publish_latency.observe(loop.time() - started)
             self._count_published(records, "direct")
-            self._set_kafka(True)
+            if not self._kafka_up:
+                self._set_kafka(True)
             return Outcome.PUBLISHED
         if error is None:
             error = next(
-                (e for e in (_error(f) for f in futures if f is not None and f.done()) if e is not None),
+                (e for e in acks.outcomes if isinstance(e, PublishError)),
                 TimeoutError(f"no acknowledgement within {self._publish_timeout} s"),
             )
         self._set_kafka(False, error)
-        left = [(r, f) for r, f in zip(records, futures, strict=True) if not _succeeded(f)]
-        self._count_published(
-            [r for r, f in zip(records, futures, strict=True) if _succeeded(f)], "direct"
-        )
-        await self._spool([r for r, _ in left], [f for _, f in left])
+        stored = [r for r, outcome in zip(records, acks.outcomes, strict=True) if outcome is None]
+        self._count_published(stored, "direct")
+        left = [(index, r) for index, r in enumerate(records) if acks.outcomes[index] is not None]
+        await self._spool([r for _, r in left], [acks.late_future(index) for index, _ in left])
         return Outcome.SPOOLED
 
     def _count_published(self, records: list[OutRecord], path: str) -> None:
         if not records:
             return
         topic = records[0].topic
-        if all(record.topic == topic for record in records):
+        if len(records) == 1 or all(record.topic == topic for record in records):
             self._metrics.events_published.inc(topic, path, amount=len(records))
             return
         for record in records:
@@ -288,7 +292,7 @@ class Delivery:
 
     def _track(self, state: _SpoolState, seq: int, topic: str, future: DeliveryFuture, path: str) -> None:
         state.inflight[seq] = future
-        future.add_done_callback(functools.partial(self._delivered, state, seq, topic, path))
+        future.add_done_callback(partial(self._delivered, state, seq, topic, path))
 
     def _delivered(self, state: _SpoolState, seq: int, topic: str, path: str, future: DeliveryFuture) -> None:
         if not _succeeded(future):
@@ -465,36 +469,58 @@ class Delivery:
                 log.info("spool: adopted spool drained", extra={"slot": state.name})
 
 
-async def _all_done(futures: list[DeliveryFuture | None], deadline: float) -> None:
-    """Wait until every future is done or the loop clock reaches ``deadline``, never cancelling one:
-    like ``asyncio.wait`` with a timeout, with one timer and one waiter per request."""
-    pending = [f for f in futures if f is not None and not f.done()]
-    if not pending:
-        return
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    count = len(pending)
+class _Pending:
+    """The outcome of a record handed over whose report has not come yet."""
 
-    def on_done(_: DeliveryFuture) -> None:
-        nonlocal count
-        count -= 1
-        if count == 0 and not waiter.done():
-            waiter.set_result(None)
 
-    def expire() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+_PENDING: Final = _Pending()
 
-    for future in pending:
-        future.add_done_callback(on_done)
-    timer = loop.call_at(deadline, expire)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        if count:
-            for future in pending:
-                future.remove_done_callback(on_done)
+
+class _Acks:
+    """The acknowledgements of one request's records, with one waiter for all of them (not a future per
+    record: the direct path is the hot path)."""
+
+    __slots__ = ("_late", "_loop", "left", "outcomes", "sent", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self._loop = loop
+        self.waiter: asyncio.Future[None] = loop.create_future()
+        self.left = count  # records without their report yet
+        self.sent = 0  # records [0, sent) were handed over
+        # Per record: None (stored by Kafka), the PublishError, or _PENDING.
+        self.outcomes: list[PublishError | _Pending | None] = [_PENDING] * count
+        # Records given up on (spooled) whose report may still come: it then resolves these futures.
+        self._late: dict[int, DeliveryFuture] | None = None
+
+    @property
+    def all_stored(self) -> bool:
+        return self.left == 0 and not any(self.outcomes)
+
+    def report(self, index: int, error: PublishError | None) -> None:
+        if self._late is not None:
+            future = self._late.pop(index, None)
+            if future is not None:
+                settle(future, error)
+                return
+        self.outcomes[index] = error
+        self.left -= 1
+        if self.left == 0 and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def expire(self) -> None:
+        """The deadline: wake the request whatever is still outstanding."""
+        if not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def late_future(self, index: int) -> DeliveryFuture | None:
+        """For a record being spooled: a future resolved by its report if it is still in flight."""
+        if index >= self.sent or self.outcomes[index] is not _PENDING:
+            return None  # never sent, or failed: the spooled copy must be sent again
+        if self._late is None:
+            self._late = {}
+        future: DeliveryFuture = self._loop.create_future()
+        self._late[index] = future
+        return future
 
 
 def _succeeded(future: DeliveryFuture | None) -> bool:

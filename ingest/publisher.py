@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -33,6 +34,8 @@ from ingest.records import OutRecord
 log = logging.getLogger(__name__)
 
 DeliveryFuture = asyncio.Future[None]
+# Called once per record, on the event loop: None when Kafka stored it, else why it will not.
+Report = Callable[["PublishError | None"], None]
 
 # librdkafka error codes after which retrying the same record can never succeed.
 _PERMANENT_CODES: Final = frozenset({
@@ -152,32 +155,39 @@ class KafkaPublisher:
         self._producer, self._poller = producer, poller
         log.info("kafka producer started", extra={"bootstrap_servers": self._settings.bootstrap_servers})
 
-    def try_send(self, record: OutRecord) -> DeliveryFuture | None:
-        """Hand ``record`` to the producer now, or return None when librdkafka's local queue is full
-        (nothing was sent). The future resolves when Kafka acknowledged the record and fails with
-        PublishError when it will not."""
+    def try_send(self, record: OutRecord, on_report: Report) -> bool:
+        """Hand ``record`` to the producer now, or return False when librdkafka's local queue is full
+        (nothing was sent). ``on_report`` is called once, on the event loop, with None when Kafka
+        acknowledged the record or with the PublishError saying why it will not."""
         producer, poller = self._producer, self._poller
         if producer is None or poller is None:
             raise PublishError("the Kafka producer is not started")
-        future: DeliveryFuture = poller.loop.create_future()
         try:
             producer.produce(record.topic, record.value, record.key,
                              headers=record.headers,  # type: ignore[arg-type]  # list is invariant
-                             on_delivery=poller.reporter(future))
+                             on_delivery=partial(poller.report, on_report))
         except BufferError:
-            return None
+            return False
         except KafkaException as exc:
             raise _publish_error(exc.args[0]) from None
-        return future
+        if not poller.busy:
+            poller.hurry()
+        return True
 
-    async def send(self, record: OutRecord) -> DeliveryFuture:
+    async def hand_over(self, record: OutRecord, on_report: Report) -> None:
         """``try_send``, waiting for room while the local queue is full (Kafka slower than the traffic).
 
         Cancelling this coroutine before it returns guarantees the record is not sent.
         """
         # librdkafka signals nothing when its queue has room again: poll for it.
-        while (future := self.try_send(record)) is None:  # noqa: ASYNC110
+        while not self.try_send(record, on_report):  # noqa: ASYNC110
             await asyncio.sleep(_QUEUE_FULL_RETRY_S)
+
+    async def send(self, record: OutRecord) -> DeliveryFuture:
+        """``hand_over`` with a future that resolves when Kafka acknowledged the record and fails with
+        PublishError when it will not."""
+        future: DeliveryFuture = asyncio.get_running_loop().create_future()
+        await self.hand_over(record, partial(settle, future))
         return future
 
     async def close(self, wait_s: float) -> None:
@@ -232,16 +242,26 @@ def _destroy(producer: Producer) -> None:
     producer.close()
 
 
+def settle(future: DeliveryFuture, error: PublishError | None) -> None:
+    """A Report that resolves ``future``."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 class _Poller:
     """Serves librdkafka's delivery reports and callbacks on the event loop's thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.fatal: PublishError | None = None
-        self.in_flight = 0
+        # Polling every millisecond: records were handed over since the producer last had none.
+        self.busy = False
         self._producer: Producer | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._busy = False
         self._loop_thread = threading.get_ident()
 
     def start(self, producer: Producer) -> None:
@@ -254,20 +274,24 @@ class _Poller:
             self._timer.cancel()
             self._timer = None
 
-    def reporter(self, future: DeliveryFuture) -> Callable[[KafkaError | None, Any], None]:
-        """The delivery callback of one record (counted in flight until it reports)."""
-        self.in_flight += 1
-        if not self._busy and self._producer is not None:
-            self._busy = True
+    def hurry(self) -> None:
+        """Records are in flight: serve their reports every millisecond until none is left."""
+        if self._producer is not None:
+            self.busy = True
             self._schedule(_POLL_BUSY_S)
 
-        def report(error: KafkaError | None, _message: Any) -> None:
-            if threading.get_ident() == self._loop_thread:
-                self._resolve(future, error)
-            else:  # served by close() in a worker thread: a straggler
-                self.loop.call_soon_threadsafe(self._resolve, future, error)
-
-        return report
+    def report(self, on_report: Report, error: KafkaError | None, _message: Any) -> None:
+        """librdkafka's delivery callback (``on_report`` bound per record)."""
+        if threading.get_ident() != self._loop_thread:  # served by close() in a worker thread: a straggler
+            self.loop.call_soon_threadsafe(self.report, on_report, error, _message)
+            return
+        if error is None:
+            on_report(None)
+            return
+        failure = _publish_error(error)
+        if failure.fatal and self.fatal is None:
+            self.fatal = failure
+        on_report(failure)
 
     def on_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -291,17 +315,6 @@ class _Poller:
         if producer is None:
             return
         producer.poll(0)
-        self._busy = self.in_flight > 0
-        self._schedule(_POLL_BUSY_S if self._busy else _POLL_IDLE_S)
-
-    def _resolve(self, future: DeliveryFuture, error: KafkaError | None) -> None:
-        self.in_flight -= 1
-        if future.done():
-            return
-        if error is None:
-            future.set_result(None)
-            return
-        failure = _publish_error(error)
-        if failure.fatal and self.fatal is None:
-            self.fatal = failure
-        future.set_exception(failure)
+        # len(): records (and requests) librdkafka still holds, i.e. reports still to come.
+        self.busy = len(producer) > 0
+        self._schedule(_POLL_BUSY_S if self.busy else _POLL_IDLE_S)
