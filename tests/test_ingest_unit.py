@@ -899,3 +899,55 @@ def test_the_example_configuration_is_valid_but_refuses_its_placeholder() -> Non
     assert "destinations.1.tokens.0" in str(info.value)  # "REPLACE-ME" is too short to be a token
     config.destinations[1].tokens = [TOKEN_GROUP]
     assert [d.name for d in resolve_destinations(config)] == ["gitlab-prod", "acme-group"]
+
+
+# -- one request's acknowledgements (delivery._Acks) ---------------------------------------------------------
+
+
+async def test_acks_wake_the_request_once_every_record_reported() -> None:
+    from ingest.delivery import _Acks
+    from ingest.publisher import PublishError
+
+    loop = asyncio.get_running_loop()
+    acks = _Acks(loop, 3)
+    acks.sent = 3
+    acks.report(1, None)
+    acks.report(0, None)
+    assert not acks.waiter.done() and not acks.all_stored
+    acks.report(2, None)
+    assert acks.waiter.done() and acks.all_stored
+
+    failing = _Acks(loop, 2)
+    failing.sent = 2
+    failing.report(0, None)
+    failing.report(1, PublishError("MSG_TIMED_OUT"))
+    assert failing.waiter.done() and not failing.all_stored
+    assert failing.outcomes[0] is None and isinstance(failing.outcomes[1], PublishError)
+
+
+async def test_acks_after_the_deadline_resolve_the_spooled_copies_futures() -> None:
+    from ingest.delivery import _Acks
+    from ingest.publisher import PublishError
+
+    loop = asyncio.get_running_loop()
+    acks = _Acks(loop, 4)
+    acks.sent = 3  # the fourth was never handed over
+    acks.report(0, None)
+    acks.report(1, PublishError("broker said no"))
+    acks.expire()  # the deadline: records 2 (in flight) and 3 (never sent) are outstanding
+    assert acks.waiter.done() and not acks.all_stored
+    assert acks.late_future(0) is None  # stored: not spooled at all by the caller, but never tracked
+    assert acks.late_future(1) is None  # failed: the spooled copy must be sent again
+    assert acks.late_future(3) is None  # never sent
+    late = acks.late_future(2)
+    assert late is not None and not late.done()
+    acks.report(2, None)  # the late acknowledgement marks the spooled copy done, through the future
+    assert late.done() and late.exception() is None
+
+    failed_late = _Acks(loop, 1)
+    failed_late.sent = 1
+    failed_late.expire()
+    future = failed_late.late_future(0)
+    assert future is not None
+    failed_late.report(0, PublishError("MSG_TIMED_OUT"))
+    assert isinstance(future.exception(), PublishError)
