@@ -34,6 +34,15 @@ def header_value(headers: Headers | None, name: str) -> str | None:
     return None
 
 
+def plain_int(text: str) -> int | None:
+    """The integer ``text`` spells in ASCII digits with at most one leading minus, else None.
+
+    ``str.isdigit`` alone also accepts "²" and "--5", which ``int()`` refuses: a sender's odd value must
+    never become an exception."""
+    digits = text[1:] if text[:1] == "-" else text
+    return int(text) if digits.isascii() and digits.isdigit() else None
+
+
 def actor_key(author_id: int | str | None, attempted_name: str | None) -> bytes | None:
     """Partition key that keeps one actor's events in order on one partition.
 
@@ -44,8 +53,8 @@ def actor_key(author_id: int | str | None, attempted_name: str | None) -> bytes 
     numeric: int | None = None
     if isinstance(author_id, int):
         numeric = author_id
-    elif isinstance(author_id, str) and author_id.lstrip("-").isdigit():
-        numeric = int(author_id)
+    elif isinstance(author_id, str):
+        numeric = plain_int(author_id)
     if numeric is not None and numeric >= 0:
         return b"id:%d" % numeric
     if attempted_name:

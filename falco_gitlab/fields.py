@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import msgspec
 
+from falco_gitlab.contract import plain_int
 from falco_gitlab.model import AuditEvent, Details, FieldValue, GeoInfo
 
 PREFIX: Final = "gitlab."
@@ -135,8 +136,8 @@ _AUTHOR_KINDS: Final = {-1: "unauthenticated", -2: "deploy_token", -3: "deploy_k
 
 def _author_kind(event: AuditEvent) -> str | None:
     author_id = event.author_id
-    if isinstance(author_id, str) and author_id.lstrip("-").isdigit():
-        author_id = int(author_id)
+    if isinstance(author_id, str):
+        author_id = plain_int(author_id)
     if not isinstance(author_id, int):
         return None
     return _AUTHOR_KINDS.get(author_id, "user" if author_id > 0 else "system")
@@ -613,8 +614,7 @@ def lookup_path(document: Any, path: str) -> str | None:
             if part not in node:
                 return None
             node = node[part]
-        elif isinstance(node, list) and part.lstrip("-").isdigit():
-            index = int(part)
+        elif isinstance(node, list) and (index := plain_int(part)) is not None:
             if not -len(node) <= index < len(node):
                 return None
             node = node[index]

@@ -23,6 +23,7 @@ Bodies of 400/408/413 answers to authenticated senders go to the dead-letter top
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import gc
 import itertools
@@ -107,6 +108,25 @@ class IngestState:
     traffic_events: int = 0
     # Per destination: its name as bytes, the record header naming it (built once, not per request).
     destination_headers: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    # Per destination: the metric cells every accepted request adds to (resolved once, not per request).
+    accepted_cells: dict[str, _AcceptedCells] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _AcceptedCells:
+    received: list[float]  # events_received_total{destination}
+    answered: list[float]  # requests_total{destination, status="200"}
+    duration: list[float]  # request_duration_seconds{status="200"}: counts per bucket, +Inf, sum
+    buckets: tuple[float, ...]
+
+    @classmethod
+    def of(cls, metrics: IngestMetrics, destination: str) -> _AcceptedCells:
+        return cls(
+            received=metrics.events_received.cell(destination),
+            answered=metrics.requests.cell(destination, "200"),
+            duration=metrics.request_duration.row("200"),
+            buckets=metrics.request_duration.buckets,
+        )
 
 
 STATE: Final = web.AppKey("ingest_state", IngestState)
@@ -120,6 +140,7 @@ def create_app(
     destinations = resolve_destinations(config)
     server = config.server
     dedup = DedupWindow(config.dedup.max_entries, config.dedup.window_s) if config.dedup.enabled else None
+    metrics = IngestMetrics()
     state = IngestState(
         config=config,
         destinations=destinations,
@@ -128,11 +149,12 @@ def create_app(
             parse_network(text, f"server.trusted_proxies.{i}")
             for i, text in enumerate(server.trusted_proxies)
         ),
-        metrics=IngestMetrics(),
+        metrics=metrics,
         dedup=dedup,
         worker_index=worker_index,
         share_metrics=server.workers > 1 if share_metrics is None else share_metrics,
         destination_headers={d.name: (HDR_DESTINATION, d.name.encode()) for d in destinations},
+        accepted_cells={d.name: _AcceptedCells.of(metrics, d.name) for d in destinations},
     )
     app = web.Application(
         # The webhook reads its body itself, bounded; nothing else takes a body.
@@ -320,11 +342,18 @@ def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web
         response.force_close()
     name = ctx.destination.name if ctx.destination else "unauthenticated"
     state = ctx.state
-    metrics = state.metrics
-    label = _STATUS_LABELS.get(status) or str(status)
-    metrics.requests.inc(name, label)
     elapsed = time.monotonic() - ctx.started
-    metrics.request_duration.observe(elapsed, label)
+    if status == 200 and ctx.destination is not None:
+        cells = state.accepted_cells[name]
+        cells.answered[0] += 1
+        duration = cells.duration
+        duration[bisect.bisect_left(cells.buckets, elapsed)] += 1
+        duration[-1] += elapsed
+    else:
+        metrics = state.metrics
+        label = _STATUS_LABELS.get(status) or str(status)
+        metrics.requests.inc(name, label)
+        metrics.request_duration.observe(elapsed, label)
     traffic = state.traffic
     traffic[status] = traffic.get(status, 0) + 1
     # Accepted requests are the bulk of the traffic (one per GitLab event): one line each only at DEBUG,
@@ -525,7 +554,7 @@ def _batch(ctx: _Request, body: bytes) -> _Batch:
         )
     events = split_body(body)
     ctx.events = len(events)
-    state.metrics.events_received.inc(destination.name, amount=len(events))
+    state.accepted_cells[destination.name].received[0] += len(events)
 
     header_type = request.headers.get(EVENT_TYPE_HEADER) or None
     # One object as the whole body (an array's element is a copy of its bytes, never the body itself).

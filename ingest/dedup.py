@@ -35,8 +35,6 @@ class DedupWindow:
         return len(self._seen)
 
     def _expire(self, now: float) -> None:
-        if now < self._next_expiry:
-            return
         seen = self._seen
         limit = now - self._window
         while seen:
@@ -50,7 +48,8 @@ class DedupWindow:
     def reserve(self, key: bytes) -> bool:
         """True (and remembered) if ``key`` is new in the window; False for a duplicate."""
         now = self._clock()
-        self._expire(now)
+        if now >= self._next_expiry:
+            self._expire(now)
         seen = self._seen
         if key in seen:
             return False
@@ -58,8 +57,9 @@ class DedupWindow:
             self._next_expiry = now + self._window
         seen[key] = now
         if len(seen) > self._max:
-            seen.popitem(last=False)  # the oldest; the rest is within the window (expired above)
-            self._next_expiry = next(iter(seen.values())) + self._window
+            # The oldest goes; the rest is within the window (expired above). The next expiry is no earlier
+            # than the evicted entry's: a lower bound is enough (_expire then finds the exact one).
+            self._next_expiry = seen.popitem(last=False)[1] + self._window
         return True
 
     def release(self, key: bytes) -> None:
@@ -67,5 +67,7 @@ class DedupWindow:
         self._seen.pop(key, None)
 
     def __contains__(self, key: bytes) -> bool:
-        self._expire(self._clock())
+        now = self._clock()
+        if now >= self._next_expiry:
+            self._expire(now)
         return key in self._seen

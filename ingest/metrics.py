@@ -73,26 +73,34 @@ class Counter(Metric):
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {}
+        # label values -> [total]: a mutable cell, so that hot paths can hold it (see ``cell``).
+        self._cells: dict[LabelValues, list[float]] = {}
         if not self.labelnames:
-            self._values[()] = 0.0
+            self._cells[()] = [0.0]
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
-        values = self._values
-        # Fast path (every request): labels already seen are str tuples, the key as given.
-        if labels in values:
-            values[labels] += amount
-            return
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self.cell(*labels)
+        cell[0] += amount
+
+    def cell(self, *labels: str) -> list[float]:
+        """The total of these label values as a one-element list, for a hot path to add to directly
+        (``cell[0] += n``, never a negative n); the series exists from now on, at 0."""
         key = self._key(labels)
-        values[key] = values.get(key, 0.0) + amount
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = [0.0]
+        return cell
 
     def value(self, *labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
+        cell = self._cells.get(self._key(labels))
+        return cell[0] if cell else 0.0
 
     def samples(self) -> dict[LabelValues, Any]:
-        return dict(self._values)
+        return {key: cell[0] for key, cell in self._cells.items()}
 
     def render(self, samples: dict[LabelValues, Any]) -> list[str]:
         return [
@@ -153,13 +161,19 @@ class Histogram(Metric):
     def observe(self, value: float, *labels: str) -> None:
         row = self._values.get(labels)
         if row is None:
-            key = self._key(labels)
-            row = self._values.get(key)
-            if row is None:
-                row = self._values[key] = [0.0] * (len(self.buckets) + 2)
+            row = self.row(*labels)
         # The first bucket whose bound is >= value (len(buckets): the +Inf bucket).
         row[bisect.bisect_left(self.buckets, value)] += 1
         row[-1] += value
+
+    def row(self, *labels: str) -> list[float]:
+        """The counts of these label values, for a hot path to observe into directly:
+        ``row[bisect_left(buckets, value)] += 1; row[-1] += value`` (count per bucket, +Inf, sum)."""
+        key = self._key(labels)
+        row = self._values.get(key)
+        if row is None:
+            row = self._values[key] = [0.0] * (len(self.buckets) + 2)
+        return row
 
     def count(self, *labels: str) -> float:
         row = self._values.get(self._key(labels))

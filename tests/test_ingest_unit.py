@@ -951,3 +951,15 @@ async def test_acks_after_the_deadline_resolve_the_spooled_copies_futures() -> N
     assert future is not None
     failed_late.report(0, PublishError("MSG_TIMED_OUT"))
     assert isinstance(future.exception(), PublishError)
+
+
+def test_actor_key_takes_only_plain_integers_as_ids() -> None:
+    from falco_gitlab.contract import actor_key
+
+    assert actor_key(42, None) == actor_key("42", None) == b"id:42"
+    assert actor_key("-1", "alice") == b"name:alice"  # a non-user: the attempted name tells actors apart
+    assert actor_key("-1", None) == b"id:-1"
+    # Unicode digits and doubled signs pass str.isdigit but not int(): never an exception, never an id.
+    for odd in ("²", "--5", "٣", "-", ""):
+        assert actor_key(odd, "bob") == b"name:bob"
+        assert actor_key(odd, None) is None
