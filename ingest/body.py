@@ -136,10 +136,11 @@ def _split_body(body: bytes) -> list[Event]:
     stripped = body.lstrip(_WHITESPACE)
     if not stripped:
         raise BodyError("empty body: expected a JSON object or array")
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BodyError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    if not body.isascii():  # ASCII (the usual case, checked in C without a copy) is valid UTF-8
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BodyError(f"body is not valid UTF-8 (byte {exc.start})") from None
     first = stripped[:1]
     if first == b"{":
         return [_probe(body, "body")]
