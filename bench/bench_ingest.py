@@ -6,9 +6,12 @@
 
 Starts what it needs: a Kafka broker (KAFKA_BOOTSTRAP_SERVERS, else the project's own broker in a
 temporary directory), a fresh raw topic (6 partitions) and dead-letter topic, ONE ingest worker process
-with a generated configuration (ingest's defaults) and token, and, in its own process, the BASELINE: a
-minimal aiohttp application on the same kind of socket and event loop that reads the body and answers
-200 without publishing anything.
+with a generated configuration (ingest's defaults) and token, and, each in its own process, the
+BASELINE: a minimal aiohttp application on the same kind of socket and event loop that reads the body
+and answers 200 without publishing anything; and the FLOOR (unless --no-floor): the same application
+producing each body as one record with ingest's producer settings (acks=all) and answering once Kafka
+acknowledged it, nothing else. Each publishing server first gets --warmup s of saturation load, so that
+the broker's JIT is warm.
 
 The load generator is a separate process (``bench/common.py``) sending the 23 captured GitLab payloads
 in turn, each with a unique ``id``, the GitLab way (raw JSON labelled form-urlencoded, token and event
