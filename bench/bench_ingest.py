@@ -1,7 +1,7 @@
 """Benchmark: one ingest worker process (``falco-gitlab ingest``, acks=all) next to a minimal aiohttp app.
 
-    .venv/bin/python bench/bench_ingest.py                  # about 2.5 minutes
-    .venv/bin/python bench/bench_ingest.py --quick          # about 1 minute
+    .venv/bin/python bench/bench_ingest.py                  # about 3.5 minutes
+    .venv/bin/python bench/bench_ingest.py --quick          # about 2 minutes
     .venv/bin/python bench/bench_ingest.py --compare HEAD   # also the ingest/ of a git ref (before/after)
 
 Starts what it needs: a Kafka broker (KAFKA_BOOTSTRAP_SERVERS, else the project's own broker in a
@@ -520,7 +520,9 @@ def main() -> int:
     parser.add_argument(
         "--no-floor", action="store_true", help="skip the Kafka floor server (baseline + produce, acks=all)"
     )
-    parser.add_argument("--quick", action="store_true", help="one round of shorter phases (about a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one round of shorter phases (about two minutes)"
+    )
     parser.add_argument(
         "--py-spy",
         metavar="PREFIX",
