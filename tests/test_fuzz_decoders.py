@@ -417,3 +417,11 @@ async def test_enrich_routes_undecodable_values_to_the_dlq(
             f"enrich over {len(sample)} generated values: enriched={len(enriched)} dlq={len(dead)} "
             f"(expected {len(want_dlq)}) reasons={dict(reasons)}")
 
+
+
+@pytest.mark.parametrize("author_id", ["²", "--5", "٣", "-", "", "-7", "12"])
+def test_odd_author_ids_pass_ingest_and_enrich_without_a_crash(author_id: str) -> None:
+    # str.isdigit accepts "²" and "--5", which int() refuses: both stages once raised on such an id.
+    body = json.dumps({"id": 1, "event_type": "user_created", "author_id": author_id,
+                       "author_name": "alice", "created_at": "2024-02-10T04:10:00.000Z"}).encode()
+    check_split(body)
