@@ -418,18 +418,9 @@ def main() -> int:
 
     common.handle_signals()
     info = common.machine_info()
-    workdir = common.make_workdir("bench-e2e-")
-    failed = True
-    try:
-        with common.kafka_broker(workdir) as broker, common.Processes() as procs:
-            failed = run(args, info, workdir, broker, procs)
-    except KeyboardInterrupt:
-        print("interrupted; everything this bench started has been stopped", file=sys.stderr)
-        failed = False  # nothing to look at: remove the work directory unless --keep
-        return 130
-    finally:
-        common.remove_workdir(workdir, args.keep or failed)
-    return 1 if failed else 0
+    return common.run_bench(
+        "bench-e2e-", args.keep, lambda workdir, broker, procs: run(args, info, workdir, broker, procs)
+    )
 
 
 def run(

@@ -549,143 +549,148 @@ def main() -> int:
 
     common.handle_signals()
     info = common.machine_info()
-    workdir = common.make_workdir("bench-ingest-")
-    failed = True
-    try:
-        with common.kafka_broker(workdir) as broker, common.Processes() as procs:
-            suffix = os.urandom(4).hex()
-            token = common.gen_token()
-            servers: list[Server] = []
-            if not args.no_baseline:
-                servers.append(
-                    Server("baseline", "baseline (200, no Kafka)", common.free_port(), kind="baseline")
-                )
-            if not args.no_floor:
-                servers.append(
-                    Server(
-                        "floor",
-                        "floor (baseline + produce, acks=all)",
-                        common.free_port(),
-                        kind="floor",
-                        topic=f"bench-ingest-floor-{suffix}",
-                    )
-                )
-            servers.append(
-                Server("ingest", "ingest (acks=all)", common.free_port(), topic=f"bench-ingest-raw-{suffix}")
-            )
-            if args.compare:
-                servers.append(
-                    Server(
-                        f"ingest@{args.compare}",
-                        f"ingest @{args.compare} (acks=all)",
-                        common.free_port(),
-                        topic=f"bench-ingest-raw-{suffix}-ref",
-                    )
-                )
-            for server in servers:
-                if server.kind in ("baseline", "floor"):
-                    child = ["--child-baseline", "127.0.0.1", str(server.port)]
-                    if server.kind == "floor":
-                        assert server.topic is not None
-                        common.create_topics(broker.bootstrap, {server.topic: args.partitions})
-                        child = ["--child-floor", "127.0.0.1", str(server.port), broker.bootstrap,
-                                 server.topic]
-                    server.log = workdir / f"{server.kind}.log"
-                    server.proc = procs.start(
-                        server.kind,
-                        [sys.executable, str(Path(__file__).resolve()), *child],
-                        stdout=server.log.open("ab"),
-                        stderr=subprocess.STDOUT,
-                    )
-                else:
-                    source = extract_ref(args.compare, workdir / "ref") if "@" in server.name else None
-                    start_ingest(
-                        procs,
-                        server,
-                        workdir,
-                        broker.bootstrap,
-                        token,
-                        args,
-                        partitions=args.partitions,
-                        source=source,
-                    )
-            for server in servers:
-                assert server.proc is not None and server.log is not None
-                path, expect = ("/readyz", "kafka=up") if server.is_ingest else ("/healthz", "")
-                try:
-                    common.wait_http(f"http://127.0.0.1:{server.port}{path}", proc=server.proc, expect=expect)
-                except (TimeoutError, RuntimeError) as exc:
-                    raise SystemExit(
-                        f"{server.name} did not start: {exc}\n{common.tail(server.log)}"
-                    ) from None
+    return common.run_bench(
+        "bench-ingest-",
+        args.keep,
+        lambda workdir, broker, procs: run(args, info, phases, workdir, broker, procs),
+    )
 
-            print("\n".join(common.machine_lines(info)), flush=True)
-            print(
-                f"bench_ingest: broker {broker.kind} {broker.bootstrap}, raw topic {args.partitions} "
-                f"partitions, {args.rounds} round(s), load generator client {args.client}, "
-                f"ingest logging.level {args.log_level}",
-                flush=True,
+
+def run(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    phases: list[str],
+    workdir: Path,
+    broker: common.Broker,
+    procs: common.Processes,
+) -> bool:
+    """Every server, every phase, the report and the checks; True when a check failed."""
+    suffix = os.urandom(4).hex()
+    token = common.gen_token()
+    servers: list[Server] = []
+    if not args.no_baseline:
+        servers.append(
+            Server("baseline", "baseline (200, no Kafka)", common.free_port(), kind="baseline")
+        )
+    if not args.no_floor:
+        servers.append(
+            Server(
+                "floor",
+                "floor (baseline + produce, acks=all)",
+                common.free_port(),
+                kind="floor",
+                topic=f"bench-ingest-floor-{suffix}",
             )
-            next_n = 1
-            runs: list[dict[str, Any]] = []
-            for server in servers:  # warm-up: imports, connections, producer metadata, the broker's JIT
-                if args.warmup <= 0:
-                    continue
-                r = run_phase(args, procs, workdir, "warmup", server, token, next_n, broker.pid, 0)
+        )
+    servers.append(
+        Server("ingest", "ingest (acks=all)", common.free_port(), topic=f"bench-ingest-raw-{suffix}")
+    )
+    if args.compare:
+        servers.append(
+            Server(
+                f"ingest@{args.compare}",
+                f"ingest @{args.compare} (acks=all)",
+                common.free_port(),
+                topic=f"bench-ingest-raw-{suffix}-ref",
+            )
+        )
+    for server in servers:
+        if server.kind in ("baseline", "floor"):
+            child = ["--child-baseline", "127.0.0.1", str(server.port)]
+            if server.kind == "floor":
+                assert server.topic is not None
+                common.create_topics(broker.bootstrap, {server.topic: args.partitions})
+                child = ["--child-floor", "127.0.0.1", str(server.port), broker.bootstrap,
+                         server.topic]
+            server.log = workdir / f"{server.kind}.log"
+            server.proc = procs.start(
+                server.kind,
+                [sys.executable, str(Path(__file__).resolve()), *child],
+                stdout=server.log.open("ab"),
+                stderr=subprocess.STDOUT,
+            )
+        else:
+            source = extract_ref(args.compare, workdir / "ref") if "@" in server.name else None
+            start_ingest(
+                procs,
+                server,
+                workdir,
+                broker.bootstrap,
+                token,
+                args,
+                partitions=args.partitions,
+                source=source,
+            )
+    for server in servers:
+        assert server.proc is not None and server.log is not None
+        path, expect = ("/readyz", "kafka=up") if server.is_ingest else ("/healthz", "")
+        try:
+            common.wait_http(f"http://127.0.0.1:{server.port}{path}", proc=server.proc, expect=expect)
+        except (TimeoutError, RuntimeError) as exc:
+            raise SystemExit(
+                f"{server.name} did not start: {exc}\n{common.tail(server.log)}"
+            ) from None
+
+    print("\n".join(common.machine_lines(info)), flush=True)
+    print(
+        f"bench_ingest: broker {broker.kind} {broker.bootstrap}, raw topic {args.partitions} "
+        f"partitions, {args.rounds} round(s), load generator client {args.client}, "
+        f"ingest logging.level {args.log_level}",
+        flush=True,
+    )
+    next_n = 1
+    runs: list[dict[str, Any]] = []
+    for server in servers:  # warm-up: imports, connections, producer metadata, the broker's JIT
+        if args.warmup <= 0:
+            continue
+        r = run_phase(args, procs, workdir, "warmup", server, token, next_n, broker.pid, 0)
+        next_n = r["next_n"]
+        server.accepted += accepted_records(server, r)
+        print(progress_line(0, server.name, "warmup", r), flush=True)
+    for rnd in range(1, args.rounds + 1):
+        for phase in phases:
+            for server in servers:
+                r = run_phase(args, procs, workdir, phase, server, token, next_n, broker.pid, rnd)
                 next_n = r["next_n"]
                 server.accepted += accepted_records(server, r)
-                print(progress_line(0, server.name, "warmup", r), flush=True)
-            for rnd in range(1, args.rounds + 1):
-                for phase in phases:
-                    for server in servers:
-                        r = run_phase(args, procs, workdir, phase, server, token, next_n, broker.pid, rnd)
-                        next_n = r["next_n"]
-                        server.accepted += accepted_records(server, r)
-                        runs.append(r)
-                        server.best[phase] = better(phase, server.best.get(phase), r)
-                        print(progress_line(rnd, server.name, phase, r), flush=True)
-            checks = []
-            for server in servers:
-                if server.publishes and server.proc is not None:
-                    code = procs.stop(server.proc, 40)  # graceful: flushes what it holds
-                    if code != 0:
-                        print(
-                            f"warning: {server.name} exited with {code}:\n{common.tail(server.log, 10)}"
-                            if server.log
-                            else "",
-                            file=sys.stderr,
-                        )
-                    checks.append(verify_topic(broker.bootstrap, server))
-            print()
-            print(f"## ingest: one worker process, acks=all (best of {args.rounds} round(s))")
-            print()
-            print(report(servers, args))
-            print()
-            print("\n".join(details(servers)))
-            for _, text in checks:
-                print(text)
-            common.write_json(
-                args.json,
-                {
-                    "bench": "ingest",
-                    "machine": info,
-                    "args": vars(args),
-                    "best": {s.name: s.best for s in servers},
-                    "runs": runs,
-                    "checks": [t for _, t in checks],
-                },
-            )
-            if broker.kind == "env":
-                topics = [s.topic for s in servers if s.topic]
-                common.delete_topics(broker.bootstrap, topics + [t.replace("-raw-", "-dlq-") for t in topics])
-            failed = not all(ok for ok, _ in checks)
-    except KeyboardInterrupt:
-        print("interrupted; everything this bench started has been stopped", file=sys.stderr)
-        failed = False  # nothing to look at: remove the work directory unless --keep
-        return 130
-    finally:
-        common.remove_workdir(workdir, args.keep or failed)
-    return 1 if failed else 0
+                runs.append(r)
+                server.best[phase] = better(phase, server.best.get(phase), r)
+                print(progress_line(rnd, server.name, phase, r), flush=True)
+    checks = []
+    for server in servers:
+        if server.publishes and server.proc is not None:
+            code = procs.stop(server.proc, 40)  # graceful: flushes what it holds
+            if code != 0:
+                print(
+                    f"warning: {server.name} exited with {code}:\n{common.tail(server.log, 10)}"
+                    if server.log
+                    else "",
+                    file=sys.stderr,
+                )
+            checks.append(verify_topic(broker.bootstrap, server))
+    print()
+    print(f"## ingest: one worker process, acks=all (best of {args.rounds} round(s))")
+    print()
+    print(report(servers, args))
+    print()
+    print("\n".join(details(servers)))
+    for _, text in checks:
+        print(text)
+    common.write_json(
+        args.json,
+        {
+            "bench": "ingest",
+            "machine": info,
+            "args": vars(args),
+            "best": {s.name: s.best for s in servers},
+            "runs": runs,
+            "checks": [t for _, t in checks],
+        },
+    )
+    if broker.kind == "env":
+        topics = [s.topic for s in servers if s.topic]
+        common.delete_topics(broker.bootstrap, topics + [t.replace("-raw-", "-dlq-") for t in topics])
+    return not all(ok for ok, _ in checks)
 
 
 if __name__ == "__main__":

@@ -922,6 +922,24 @@ def remove_workdir(path: Path, keep: bool) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def run_bench(prefix: str, keep: bool, work: Callable[[Path, Broker, Processes], bool]) -> int:
+    """Run ``work(workdir, broker, procs)`` (True: a check failed) in a fresh work directory, with a broker
+    and a process group that are stopped however it ends. Exit status 0, 1 (a check failed) or 130
+    (interrupted); the work directory is kept when ``keep`` or when a check failed."""
+    workdir = make_workdir(prefix)
+    failed = True
+    try:
+        with kafka_broker(workdir) as broker, Processes() as procs:
+            failed = work(workdir, broker, procs)
+    except KeyboardInterrupt:
+        print("interrupted; everything this bench started has been stopped", file=sys.stderr)
+        failed = False  # nothing to look at: remove the work directory unless --keep
+        return 130
+    finally:
+        remove_workdir(workdir, keep or failed)
+    return 1 if failed else 0
+
+
 def gen_token(length: int = 22) -> str:
     import secrets
 
