@@ -103,8 +103,9 @@ class IngestState:
     # call per request; they name records, not secrets).
     request_id_prefix: str = field(default_factory=lambda: os.urandom(8).hex())
     request_counter: Iterator[int] = field(default_factory=itertools.count)
-    # Requests answered per status, and events accepted, since the last traffic summary.
-    traffic: dict[int, int] = field(default_factory=dict)
+    # Requests answered per status (from the requests metric) at the last traffic summary, and events
+    # accepted since then.
+    traffic_reported: dict[str, float] = field(default_factory=dict)
     traffic_events: int = 0
     # Per destination: its name as bytes, the record header naming it (built once, not per request).
     destination_headers: dict[str, tuple[str, bytes]] = field(default_factory=dict)
@@ -265,15 +266,21 @@ async def _log_traffic(state: IngestState) -> None:
 
 
 def _flush_traffic(state: IngestState) -> None:
-    traffic, events = state.traffic, state.traffic_events
-    if not traffic:
+    totals: dict[str, float] = {}
+    for (_destination, status), count in state.metrics.requests.samples().items():
+        totals[status] = totals.get(status, 0.0) + count
+    reported = state.traffic_reported
+    answered = {status: int(count - reported.get(status, 0.0)) for status, count in sorted(totals.items())
+                if count > reported.get(status, 0.0)}
+    if not answered:
         return
-    state.traffic, state.traffic_events = {}, 0
+    state.traffic_reported = totals
+    events, state.traffic_events = state.traffic_events, 0
     access_log.info(
         "traffic: %d requests, %d events accepted",
-        sum(traffic.values()),
+        sum(answered.values()),
         events,
-        extra={"statuses": {str(k): v for k, v in sorted(traffic.items())}, "events": events},
+        extra={"statuses": answered, "events": events},
     )
 
 
@@ -354,8 +361,6 @@ def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web
         label = _STATUS_LABELS.get(status) or str(status)
         metrics.requests.inc(name, label)
         metrics.request_duration.observe(elapsed, label)
-    traffic = state.traffic
-    traffic[status] = traffic.get(status, 0) + 1
     # Accepted requests are the bulk of the traffic (one per GitLab event): one line each only at DEBUG,
     # a periodic summary at INFO. Refusals and errors are logged one by one.
     level = logging.DEBUG if status < 300 else logging.INFO if status < 500 else logging.ERROR
