@@ -8,10 +8,11 @@ Starts what it needs: a Kafka broker (KAFKA_BOOTSTRAP_SERVERS, else the project'
 temporary directory), a fresh raw topic (6 partitions) and dead-letter topic, ONE ingest worker process
 with a generated configuration (ingest's defaults) and token, and, each in its own process, the
 BASELINE: a minimal aiohttp application on the same kind of socket and event loop that reads the body
-and answers 200 without publishing anything; and the FLOOR (unless --no-floor): the same application
-producing each body as one record with ingest's producer settings (acks=all) and answering once Kafka
-acknowledged it, nothing else. Each publishing server first gets --warmup s of saturation load, so that
-the broker's JIT is warm.
+and answers 200 without publishing anything; the BARE server (unless --no-bare): the same handler on
+aiohttp's low-level server (web.Server, no application or router), the stack ingest itself is served
+on; and the FLOOR (unless --no-floor): the baseline application producing each body as one record with
+ingest's producer settings (acks=all) and answering once Kafka acknowledged it, nothing else. Each
+publishing server first gets --warmup s of saturation load, so that the broker's JIT is warm.
 
 The load generator is a separate process (``bench/common.py``) sending the 23 captured GitLab payloads
 in turn, each with a unique ``id``, the GitLab way (raw JSON labelled form-urlencoded, token and event
@@ -19,7 +20,9 @@ type headers). Against each server in turn, per round:
 
 * fixed rate: an open-loop generator offering ``--rate`` requests/s for ``--duration`` s; latency from
   each request's INTENDED send time to its answer (no coordinated omission);
-* saturation: ``--conns`` keep-alive connections sending back to back for ``--sat-duration`` s;
+* saturation: ``--conns`` keep-alive connections sending back to back for ``--sat-duration`` s (256:
+  with 64, a server waiting ~5 ms for Kafka's acknowledgements was latency-bound, the floor at 70 % of
+  a core, i.e. not saturated);
 * arrays: as saturation, with bodies that are JSON arrays of ``--array`` events (GitLab's batched
   delivery path), so events/s differs from requests/s.
 
@@ -55,9 +58,12 @@ PHASES = ("fixed", "saturation", "arrays")
 # --------------------------------------------------------------------------------------------- baseline
 
 
-def _serve_minimal(host: str, port: int, receive: Any, setup: Any = None, teardown: Any = None) -> int:
-    """Serve ``receive`` for every POST (and /healthz) with aiohttp's application and router, on the event
-    loop `falco-gitlab ingest` uses by default (uvloop when installed), until SIGTERM/SIGINT."""
+def _serve_minimal(
+    host: str, port: int, receive: Any, setup: Any = None, teardown: Any = None, *, bare: bool = False
+) -> int:
+    """Serve ``receive`` for every POST (and /healthz) with aiohttp's application and router (``bare``:
+    for every request, on aiohttp's low-level server), on the event loop `falco-gitlab ingest` uses by
+    default (uvloop when installed), until SIGTERM/SIGINT."""
     import asyncio
     import signal
 
@@ -69,10 +75,14 @@ def _serve_minimal(host: str, port: int, receive: Any, setup: Any = None, teardo
     async def serve() -> None:
         if setup is not None:
             await setup()
-        app = web.Application(client_max_size=1_048_577)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_post("/{path:.*}", receive)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner: web.BaseRunner
+        if bare:
+            runner = web.ServerRunner(web.Server(receive, access_log=None), handle_signals=False)
+        else:
+            app = web.Application(client_max_size=1_048_577)
+            app.router.add_get("/healthz", healthz)
+            app.router.add_post("/{path:.*}", receive)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, host, port, backlog=1024).start()
         stop = asyncio.Event()
@@ -99,6 +109,18 @@ def baseline_main(host: str, port: int) -> int:
         return web.Response(text="ok\n")
 
     return _serve_minimal(host, port, receive)
+
+
+def bare_main(host: str, port: int) -> int:
+    """The BARE baseline: the baseline's handler on aiohttp's low-level server (``web.Server``: no
+    application, router or middleware chain), the serving stack ingest itself runs on."""
+    from aiohttp import web
+
+    async def receive(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(text="ok\n")
+
+    return _serve_minimal(host, port, receive, bare=True)
 
 
 def floor_main(host: str, port: int, bootstrap: str, topic: str) -> int:
@@ -160,10 +182,10 @@ def floor_main(host: str, port: int, bootstrap: str, topic: str) -> int:
 
 @dataclass
 class Server:
-    name: str  # "baseline", "floor", "ingest", "ingest@<ref>"
+    name: str  # "baseline", "bare", "floor", "ingest", "ingest@<ref>"
     label: str
     port: int
-    kind: str = "ingest"  # "baseline" | "floor" | "ingest"
+    kind: str = "ingest"  # "baseline" | "bare" | "floor" | "ingest"
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     topic: str | None = None  # ingest, floor: the topic it publishes to
@@ -176,7 +198,7 @@ class Server:
 
     @property
     def publishes(self) -> bool:
-        return self.kind != "baseline"
+        return self.kind not in ("baseline", "bare")
 
 
 def write_ingest_config(
@@ -370,6 +392,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> str:
         "broker CPU ms/event",
         "throughput vs baseline",
         "CPU/event vs baseline",
+        "throughput vs bare",
     ]
     labels = {
         "fixed": f"{args.rate:g} req/s offered",
@@ -377,15 +400,19 @@ def report(servers: list[Server], args: argparse.Namespace) -> str:
         "arrays": f"saturation, arrays of {args.array}, {max(1, args.conns // 2)} conns",
     }
     baseline = next((s for s in servers if s.name == "baseline"), None)
+    bare_server = next((s for s in servers if s.name == "bare"), None)
     rows = []
     for phase in PHASES:
         base = baseline.best.get(phase) if baseline else None
+        bare = bare_server.best.get(phase) if bare_server else None
         for server in servers:
             r = server.best.get(phase)
             if r is None:
                 continue
             lat = r["latency_ms"]
-            tput = cpu = None
+            tput = cpu = bare_tput = None
+            if server.publishes and bare is not None and phase != "fixed" and bare["events_per_s"]:
+                bare_tput = r["events_per_s"] / bare["events_per_s"]
             if server.publishes and base is not None:
                 if phase != "fixed" and base["events_per_s"]:
                     tput = r["events_per_s"] / base["events_per_s"]
@@ -404,6 +431,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> str:
                     common.fmt(r["broker_cpu_ms_per_event"], 3) if server.publishes else "-",
                     common.fmt_ratio(tput) if server.publishes else "-",
                     common.fmt_ratio(cpu) if server.publishes else "-",
+                    common.fmt_ratio(bare_tput) if server.publishes else "-",
                 ]
             )
     return common.format_table(headers, rows)
@@ -490,7 +518,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="seconds of the fixed-rate phase (10; --quick 5)")
     parser.add_argument("--sat-duration", type=float, help="seconds of the saturation phase (8; --quick 5)")
     parser.add_argument("--arr-duration", type=float, help="seconds of the arrays phase (5; --quick 3)")
-    parser.add_argument("--conns", type=int, default=64, help="connections at saturation")
+    parser.add_argument(
+        "--conns",
+        type=int,
+        default=256,
+        help="connections at saturation (enough that a server waiting for Kafka is still CPU-bound)",
+    )
     parser.add_argument(
         "--array", type=int, default=10, help="events per request in the arrays phase (0: skip)"
     )
@@ -521,6 +554,9 @@ def main() -> int:
         "--no-floor", action="store_true", help="skip the Kafka floor server (baseline + produce, acks=all)"
     )
     parser.add_argument(
+        "--no-bare", action="store_true", help="skip the bare server (the baseline on aiohttp's web.Server)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="one round of shorter phases (about two minutes)"
     )
     parser.add_argument(
@@ -531,11 +567,14 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     parser.add_argument("--child-baseline", nargs=2, metavar=("HOST", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-bare", nargs=2, metavar=("HOST", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--child-floor", nargs=4, metavar=("HOST", "PORT", "BOOTSTRAP", "TOPIC"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_baseline:
         return baseline_main(args.child_baseline[0], int(args.child_baseline[1]))
+    if args.child_bare:
+        return bare_main(args.child_bare[0], int(args.child_bare[1]))
     if args.child_floor:
         host, port, bootstrap, topic = args.child_floor
         return floor_main(host, int(port), bootstrap, topic)
@@ -572,6 +611,10 @@ def run(
         servers.append(
             Server("baseline", "baseline (200, no Kafka)", common.free_port(), kind="baseline")
         )
+    if not args.no_bare:
+        servers.append(
+            Server("bare", "bare (baseline on web.Server)", common.free_port(), kind="bare")
+        )
     if not args.no_floor:
         servers.append(
             Server(
@@ -595,8 +638,8 @@ def run(
             )
         )
     for server in servers:
-        if server.kind in ("baseline", "floor"):
-            child = ["--child-baseline", "127.0.0.1", str(server.port)]
+        if server.kind in ("baseline", "bare", "floor"):
+            child = [f"--child-{server.kind}", "127.0.0.1", str(server.port)]
             if server.kind == "floor":
                 assert server.topic is not None
                 common.create_topics(broker.bootstrap, {server.topic: args.partitions})

@@ -1,8 +1,18 @@
-"""The aiohttp application: the webhook endpoint, health, readiness and metrics.
+"""The HTTP service: the webhook endpoint, health, readiness and metrics.
 
-``create_app(config)`` builds a self-contained application (no globals); its cleanup context opens the
-spool, starts the Kafka side and, on shutdown, flushes what it can and closes everything. ``serve``
-runs it on a TCP (or TLS) socket until SIGTERM/SIGINT.
+``create_service(config)`` builds a self-contained service (no globals): ``handle`` answers requests,
+``running()`` is its startup/cleanup context (opens the spool, starts the Kafka side and, on the way
+out, flushes what it can and closes everything). ``serve`` runs it on aiohttp's server, on a TCP (or
+TLS) socket, until SIGTERM/SIGINT.
+
+Why aiohttp's low-level ``web.Server`` and not a ``web.Application``: the service has one POST endpoint
+(any path: GitLab posts to whatever URL the destination names) and three GET pages, so a router earns
+nothing, while the application's per-request work (route resolution, match info, middleware chain)
+cost 15-20 % of a bare handler's CPU per request on the bench (``bench/README.md``, "Fourth round").
+
+Routing, as a router with ``POST /{path:.*}`` and ``GET /healthz``, ``/readyz``, ``/metrics`` would do it:
+POST on any path is the webhook; GET and HEAD serve the three pages; anything else is 405 (every path
+takes POST), naming the allowed methods.
 
 Answers (one line of text each, plus ``X-Request-Id``):
 
@@ -32,8 +42,9 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -130,19 +141,42 @@ class _AcceptedCells:
         )
 
 
-STATE: Final = web.AppKey("ingest_state", IngestState)
+class IngestService:
+    """One ingest process's service: its request handler and its startup/cleanup context."""
+
+    def __init__(self, state: IngestState) -> None:
+        self.state = state
+        # What aiohttp's server (``web.Server``) passes to each connection's protocol handler.
+        server = state.config.server
+        self.server_options: dict[str, Any] = {
+            "keepalive_timeout": server.idle_timeout_s,
+            "max_line_size": server.max_line_size,
+            "max_field_size": server.max_field_size,
+            "max_headers": server.max_headers,
+            "auto_decompress": False,
+            # After an early answer (401, 408, 413), read and drop what the client still sends for at
+            # most this long, then close: enough for a client to see the answer, not a slowloris hold.
+            "lingering_time": min(1.0, server.body_timeout_s),
+            "access_log": None,  # ingest logs each request itself, without secrets
+        }
+        self.handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] = partial(_handle, state)
+
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Start the spool and the Kafka side; on exit stop them, flushing what Kafka takes in time.
+        Requests must be served only inside it."""
+        return _lifecycle(self.state)
 
 
-def create_app(
+def create_service(
     config: IngestConfig, *, worker_index: int = 0, share_metrics: bool | None = None
-) -> web.Application:
-    """Build the application for ``config`` (raises ConfigError on an invalid configuration)."""
+) -> IngestService:
+    """Build the service for ``config`` (raises ConfigError on an invalid configuration)."""
     validate(config)
     destinations = resolve_destinations(config)
     server = config.server
     dedup = DedupWindow(config.dedup.max_entries, config.dedup.window_s) if config.dedup.enabled else None
     metrics = IngestMetrics()
-    state = IngestState(
+    return IngestService(IngestState(
         config=config,
         destinations=destinations,
         auth=Authenticator(destinations),
@@ -156,33 +190,11 @@ def create_app(
         share_metrics=server.workers > 1 if share_metrics is None else share_metrics,
         destination_headers={d.name: (HDR_DESTINATION, d.name.encode()) for d in destinations},
         accepted_cells={d.name: _AcceptedCells.of(metrics, d.name) for d in destinations},
-    )
-    app = web.Application(
-        # The webhook reads its body itself, bounded; nothing else takes a body.
-        client_max_size=server.max_body_bytes + 1,
-        handler_args={
-            "keepalive_timeout": server.idle_timeout_s,
-            "max_line_size": server.max_line_size,
-            "max_field_size": server.max_field_size,
-            "max_headers": server.max_headers,
-            "auto_decompress": False,
-            # After an early answer (401, 408, 413), read and drop what the client still sends for at
-            # most this long, then close: enough for a client to see the answer, not a slowloris hold.
-            "lingering_time": min(1.0, server.body_timeout_s),
-            "access_log": None,  # ingest logs each request itself, without secrets
-        },
-    )
-    app[STATE] = state
-    app.cleanup_ctx.append(_lifecycle)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_post("/{path:.*}", _receive)
-    return app
+    ))
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
+@contextlib.asynccontextmanager
+async def _lifecycle(state: IngestState) -> AsyncIterator[None]:
     config = state.config
     base = Path(config.spool.dir)
     lock = await asyncio.to_thread(acquire_slot, base, state.worker_index)
@@ -287,12 +299,11 @@ def _flush_traffic(state: IngestState) -> None:
 # -- health ------------------------------------------------------------------------------------------------
 
 
-async def _healthz(request: web.Request) -> web.Response:
+async def _healthz(state: IngestState, request: web.BaseRequest) -> web.Response:
     return web.Response(text="ok\n")
 
 
-async def _readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def _readyz(state: IngestState, request: web.BaseRequest) -> web.Response:
     delivery = state.delivery
     if delivery is None or state.stopping:
         return web.Response(status=503, text="not ready: shutting down\n")
@@ -303,8 +314,7 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: Kafka unreachable and spool full: {summary}\n")
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def _metrics(state: IngestState, request: web.BaseRequest) -> web.Response:
     registry = state.metrics.registry
     others = []
     if state.share_metrics:
@@ -312,6 +322,23 @@ async def _metrics(request: web.Request) -> web.Response:
         others = await asyncio.to_thread(Registry.read_snapshots, directory, state.slot, SNAPSHOT_MAX_AGE_S)
     text = registry.render(others)
     return web.Response(body=text.encode("utf-8"), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+_PAGES: Final[dict[str, Callable[[IngestState, web.BaseRequest], Awaitable[web.Response]]]] = {
+    "/healthz": _healthz,
+    "/readyz": _readyz,
+    "/metrics": _metrics,
+}
+
+
+async def _page(state: IngestState, request: web.BaseRequest) -> web.Response:
+    """Anything but a POST: one of the pages, or 405."""
+    page = _PAGES.get(request.path)
+    if page is not None and request.method in ("GET", "HEAD"):
+        return await page(state, request)
+    allowed = "GET, HEAD, POST" if page is not None else "POST"
+    return web.Response(status=405, text=f"method {request.method} not allowed; allowed: {allowed}\n",
+                        headers={"Allow": allowed})
 
 
 # -- the webhook ------------------------------------------------------------------------------------------
@@ -333,7 +360,7 @@ def _safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
 @dataclass(slots=True)
 class _Request:
     state: IngestState
-    request: web.Request
+    request: web.BaseRequest
     request_id: str
     received_ns: int
     started: float
@@ -390,7 +417,7 @@ def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web
 _STATUS_LABELS: Final = {code: str(code) for code in (200, 202, 400, 401, 403, 408, 413, 500, 503)}
 
 
-def _peer(request: web.Request) -> str | None:
+def _peer(request: web.BaseRequest) -> str | None:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
     if isinstance(peer, tuple | list) and peer:
@@ -420,7 +447,7 @@ class _BodyReader:
             if self.size > self.limit:
                 self.too_large = True
 
-    async def read(self, request: web.Request) -> None:
+    async def read(self, request: web.BaseRequest) -> None:
         stream = request.content
         while True:
             chunk = await stream.readany()
@@ -431,8 +458,9 @@ class _BodyReader:
                 return
 
 
-async def _receive(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def _handle(state: IngestState, request: web.BaseRequest) -> web.Response:
+    if request.method != "POST":
+        return await _page(state, request)
     request_id = f"{state.request_id_prefix}{next(state.request_counter):016x}"
     ctx = _Request(state, request, request_id, time.time_ns(), time.monotonic())
     # The usual request (authenticated, body complete with the head) is handled by plain functions around
@@ -668,10 +696,22 @@ async def serve(config: IngestConfig, *, worker_index: int = 0, stop: asyncio.Ev
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully."""
     server = config.server
     ssl_context = build_ssl_context(server.tls)
-    app = create_app(config, worker_index=worker_index)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=server.shutdown_timeout_s)
+    service = create_service(config, worker_index=worker_index)
+    async with service.running():
+        await _serve_http(service, ssl_context, worker_index, stop or asyncio.Event())
+    log.info("stopped")
+
+
+async def _serve_http(
+    service: IngestService, ssl_context: ssl.SSLContext | None, worker_index: int, stop: asyncio.Event
+) -> None:
+    server = service.state.config.server
+    runner = web.ServerRunner(
+        web.Server(service.handle, **service.server_options),
+        handle_signals=False,
+        shutdown_timeout=server.shutdown_timeout_s,
+    )
     await runner.setup()
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -704,5 +744,6 @@ async def serve(config: IngestConfig, *, worker_index: int = 0, stop: asyncio.Ev
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signum)
+        # Stops accepting, answers the requests in flight (up to shutdown_timeout_s), then returns to
+        # serve(), whose running() context flushes to Kafka.
         await runner.cleanup()
-    log.info("stopped")

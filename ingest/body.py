@@ -10,7 +10,6 @@ else passes through untouched, whatever its type.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -44,8 +43,9 @@ _array_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw])
 _any_decoder: Final = msgspec.json.Decoder()
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One event of a body. (A Struct: built per event, ten times faster than a frozen dataclass.)"""
+
     raw: bytes
     event_id: str | None
     event_type: str | None

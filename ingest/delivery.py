@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 ADOPT_INTERVAL_S: Final = 30.0
 MAX_BACKOFF_S: Final = 5.0
+# A request whose deadline is this close is woken with the ones due (the loop runs timers up to its clock
+# resolution early: without it, the deadline timer could be re-armed for the same instant again and again).
+_DEADLINE_SLACK_S: Final = 0.001
 
 
 class Outcome(enum.Enum):
@@ -89,6 +93,10 @@ class Delivery:
         self._work = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
         self._acks_scheduled = False
+        # Requests waiting for acknowledgements, by deadline (one publish timeout: arrival order), and the
+        # one timer for the earliest; a timer per request cost more than the rest of the waiting.
+        self._deadlines: deque[tuple[float, _Acks]] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._halted = False
         self._kafka_up = False
@@ -173,6 +181,11 @@ class Delivery:
         await self._publisher.close(remaining if self._kafka_up else min(remaining, 1.0))
         await asyncio.sleep(0)  # let delivery callbacks run
         self._flush_acks()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        while self._deadlines:  # nobody should still wait (the server stopped first); if so, not forever
+            self._deadlines.popleft()[1].expire()
         for state in self._states():
             await state.spool.close()
             if state.lock is not None:
@@ -225,12 +238,9 @@ class Delivery:
                         await self._publisher.hand_over(records[index], partial(report, index))
                         acks.sent += 1
             if acks.left:
+                self._watch(deadline, acks)
                 # Inline rather than a coroutine of _Acks: one coroutine level less to resume per request.
-                timer = loop.call_at(deadline, acks.expire)
-                try:
-                    await acks.waiter
-                finally:
-                    timer.cancel()
+                await acks.waiter
         except TimeoutError:
             pass
         except Exception as exc:
@@ -252,6 +262,25 @@ class Delivery:
         left = [(index, r) for index, r in enumerate(records) if acks.outcomes[index] is not None]
         await self._spool([r for _, r in left], [acks.late_future(index) for index, _ in left])
         return Outcome.SPOOLED
+
+    def _watch(self, deadline: float, acks: _Acks) -> None:
+        """Wake ``acks``' request at ``deadline`` if its acknowledgements have not all come by then."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].waiter.done():  # answered: forget them as they come first
+            deadlines.popleft()
+        deadlines.append((deadline, acks))
+        if self._deadline_timer is None:
+            self._deadline_timer = asyncio.get_running_loop().call_at(deadline, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        loop = asyncio.get_running_loop()
+        due = loop.time() + _DEADLINE_SLACK_S
+        while deadlines and (deadlines[0][0] <= due or deadlines[0][1].waiter.done()):
+            deadlines.popleft()[1].expire()
+        if deadlines:
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due)
 
     def _count_published(self, records: list[OutRecord], path: str) -> None:
         if not records:

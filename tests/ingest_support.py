@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient
 
 from falco_gitlab.contract import HDR_REQUEST_ID, header_value
-from ingest.app import STATE, create_app
+from ingest.app import IngestService, create_service
 from ingest.config import (
     DedupSettings,
     DestinationSettings,
@@ -90,10 +90,11 @@ def make_config(
 class Ingest:
     client: TestClient[Any, Any]
     config: IngestConfig
+    service: IngestService
 
     @property
     def state(self) -> Any:
-        return self.client.server.app[STATE]  # type: ignore[union-attr]
+        return self.service.state
 
     async def post(
         self,
@@ -117,14 +118,18 @@ class Ingest:
 
 @asynccontextmanager
 async def running_ingest(config: IngestConfig) -> AsyncIterator[Ingest]:
-    """The ingest application served in-process on a free port; stopped (gracefully) on exit."""
-    server = TestServer(create_app(config), host="127.0.0.1")
-    client: TestClient[Any, Any] = TestClient(server)
-    await client.start_server()
-    try:
-        yield Ingest(client, config)
-    finally:
-        await client.close()
+    """The ingest service served in-process on a free port (on aiohttp's server, as ``serve`` does);
+    stopped gracefully on exit: the server first, then the service's cleanup."""
+    service = create_service(config)
+    async with service.running():
+        server = RawTestServer(service.handle, host="127.0.0.1")
+        await server.start_server(**service.server_options)  # (the constructor ignores these)
+        client: TestClient[Any, Any] = TestClient(server)
+        await client.start_server()
+        try:
+            yield Ingest(client, config, service)
+        finally:
+            await client.close()
 
 
 # --- Kafka helpers ---------------------------------------------------------------------------------------

@@ -595,6 +595,29 @@ async def test_gitlab_style_requests_are_spooled_when_kafka_is_down(tmp_path: Pa
         assert (await ingest.client.get("/healthz")).status == 200
 
 
+async def test_routing_post_anywhere_is_the_webhook_pages_take_get_and_head_the_rest_is_405(
+    tmp_path: Path,
+) -> None:
+    async with running_ingest(make_config(tmp_path)) as ingest:
+        client = ingest.client
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(path)).status == 200, path
+            head = await client.head(path)
+            assert head.status == 200 and await head.read() == b"", path
+            put = await client.put(path, data=b"{}")
+            assert put.status == 405 and put.headers["Allow"] == "GET, HEAD, POST", path
+        for method, path in (("GET", "/"), ("GET", "/gitlab/audit"), ("PUT", "/"), ("DELETE", "/x")):
+            response = await client.request(method, path)
+            assert response.status == 405 and response.headers["Allow"] == "POST", (method, path)
+            assert method in await response.text()
+        # POST is the webhook on every path, the pages' included: the token decides, not the path.
+        for path in ("/", "/gitlab/audit", "/healthz"):
+            assert (await ingest.post(SEEDS["add_gpg_key"], path=path, token=None))[0] == 401, path
+        status, _, _ = await ingest.post(SEEDS["add_gpg_key"], path="/healthz")
+        assert status == 202
+        assert [entry.record.value for entry in await _spooled(ingest)] == [SEEDS["add_gpg_key"]]
+
+
 async def test_refusals_and_dead_letters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG")
     config = make_config(
@@ -963,3 +986,51 @@ def test_actor_key_takes_only_plain_integers_as_ids() -> None:
     for odd in ("²", "--5", "٣", "-", ""):
         assert actor_key(odd, "bob") == b"name:bob"
         assert actor_key(odd, None) is None
+
+
+class _SilentPublisher:
+    """Takes every record and reports only when the test says so (Kafka that stopped answering)."""
+
+    started = True
+    broken = False
+
+    def __init__(self) -> None:
+        self.reports: list[Any] = []
+
+    def try_send(self, record: OutRecord, on_report: Any) -> bool:
+        self.reports.append(on_report)
+        return True
+
+
+async def test_each_request_is_woken_at_its_own_deadline_and_answered_ones_are_not_kept(
+    tmp_path: Path,
+) -> None:
+    from ingest.delivery import Delivery, Outcome
+
+    spool = Spool(tmp_path / "w0", max_bytes=1 << 20, segment_bytes=1 << 16, fsync=False)
+    spool.open()
+    publisher = _SilentPublisher()
+    timeout = 0.4
+    delivery = Delivery(publisher, spool, IngestMetrics(), publish_timeout_s=timeout)  # type: ignore[arg-type]
+    record = OutRecord("gitlab.audit.raw", b"id:1", b'{"id": 1}', [])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.create_task(delivery.deliver([record]))  # never acknowledged
+    await asyncio.sleep(0.2)
+    for _ in range(50):  # acknowledged at once
+        answered = asyncio.create_task(delivery.deliver([record]))
+        await asyncio.sleep(0)
+        publisher.reports[-1](None)
+        assert await answered is Outcome.PUBLISHED
+    second_started = loop.time()
+    second = asyncio.create_task(delivery.deliver([record]))  # never acknowledged either
+    assert await first is Outcome.SPOOLED
+    assert timeout - 0.01 <= loop.time() - started < timeout + 0.15
+    assert not second.done()  # its own deadline, not the first one's
+    # The first one's expiry dropped the answered requests queued behind it: only the second is left.
+    assert len(delivery._deadlines) == 1
+    assert await second is Outcome.SPOOLED
+    assert loop.time() - second_started >= timeout - 0.01
+    assert not delivery._deadlines and delivery._deadline_timer is None
+    assert spool.pending == 2
+    await spool.close()
