@@ -1,7 +1,7 @@
 """Benchmark: one ingest worker process (``falco-gitlab ingest``, acks=all) next to a minimal aiohttp app.
 
-    .venv/bin/python bench/bench_ingest.py                  # about 3.5 minutes
-    .venv/bin/python bench/bench_ingest.py --quick          # about 2 minutes
+    .venv/bin/python bench/bench_ingest.py                  # about 4.5 minutes
+    .venv/bin/python bench/bench_ingest.py --quick          # about 2.5 minutes
     .venv/bin/python bench/bench_ingest.py --compare HEAD   # also the ingest/ of a git ref (before/after)
 
 Starts what it needs: a Kafka broker (KAFKA_BOOTSTRAP_SERVERS, else the project's own broker in a
@@ -557,7 +557,7 @@ def main() -> int:
         "--no-bare", action="store_true", help="skip the bare server (the baseline on aiohttp's web.Server)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="one round of shorter phases (about two minutes)"
+        "--quick", action="store_true", help="one round of shorter phases (about two and a half minutes)"
     )
     parser.add_argument(
         "--py-spy",

@@ -8,7 +8,7 @@ TLS) socket, until SIGTERM/SIGINT.
 Why aiohttp's low-level ``web.Server`` and not a ``web.Application``: the service has one POST endpoint
 (any path: GitLab posts to whatever URL the destination names) and three GET pages, so a router earns
 nothing, while the application's per-request work (route resolution, match info, middleware chain)
-cost 15-20 % of a bare handler's CPU per request on the bench (``bench/README.md``, "Fourth round").
+were 11-19 % of a minimal handler's CPU per request on the bench (``bench/README.md``, "Fourth round").
 
 Routing, as a router with ``POST /{path:.*}`` and ``GET /healthz``, ``/readyz``, ``/metrics`` would do it:
 POST on any path is the webhook; GET and HEAD serve the three pages; anything else is 405 (every path
