@@ -8,7 +8,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from falco_gitlab.fields import compute_event_fields
+from falco_gitlab.fields import compute_event_fields, first_address, preferred_address
 from falco_gitlab.model import ENRICHED_SCHEMA_VERSION, AuditEvent, EnrichedRecord, FieldValue, GeoInfo
 
 GeoLookup = Callable[[str], GeoInfo | None]
@@ -179,16 +179,8 @@ Located = tuple[str | None, str | None, GeoInfo | None, str | None]
 def locate(detail: str | None, top: str | None, geo: GeoLookup | None) -> Located:
     """The address attributes of an event (``details.ip_address``, the top-level ``ip_address``):
     ``effective_ip_address``, ``first_address`` of it and what ``geo`` says about that."""
-    ip_address = detail
-    if ip_address is not None:
-        ip_address = ip_address.strip()
-    if not ip_address:
-        ip_address = top
-        if ip_address is not None:
-            ip_address = ip_address.strip() or None
-    client_ip = ip_address
-    if ip_address is not None and "," in ip_address:
-        client_ip = ip_address.split(",", 1)[0].strip() or None
+    ip_address = preferred_address(detail, top)
+    client_ip = first_address(ip_address)
     info = problem = None
     if geo is not None and client_ip is not None:
         try:

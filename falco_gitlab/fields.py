@@ -100,16 +100,19 @@ def render(value: Any) -> str | None:
 
 def effective_ip_address(event: AuditEvent) -> str | None:
     """``details.ip_address`` first, then the top level; empty means absent."""
-    candidate = event.details.ip_address
-    if candidate is not None:
-        candidate = candidate.strip()
-        if candidate:
-            return candidate
-    candidate = event.ip_address
-    if candidate is not None:
-        candidate = candidate.strip()
-        if candidate:
-            return candidate
+    return preferred_address(event.details.ip_address, event.ip_address)
+
+
+def preferred_address(detail: str | None, top: str | None) -> str | None:
+    """``detail`` (an event's ``details.ip_address``) stripped, else ``top`` stripped; blank is absent."""
+    if detail is not None:
+        detail = detail.strip()
+        if detail:
+            return detail
+    if top is not None:
+        top = top.strip()
+        if top:
+            return top
     return None
 
 

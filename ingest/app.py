@@ -33,7 +33,6 @@ Bodies of 400/408/413 answers to authenticated senders go to the dead-letter top
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import gc
 import itertools
@@ -76,7 +75,7 @@ from ingest.config import (
 )
 from ingest.dedup import DedupWindow
 from ingest.delivery import Delivery, Outcome
-from ingest.metrics import IngestMetrics, Registry
+from ingest.metrics import IngestMetrics, Registry, observe_row
 from ingest.publisher import KafkaPublisher
 from ingest.records import OutRecord
 from ingest.spool import Spool, SpoolError, SpoolFull, acquire_slot
@@ -380,9 +379,7 @@ def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web
     if status == 200 and ctx.destination is not None:
         cells = state.accepted_cells[name]
         cells.answered[0] += 1
-        duration = cells.duration
-        duration[bisect.bisect_left(cells.buckets, elapsed)] += 1
-        duration[-1] += elapsed
+        observe_row(cells.duration, cells.buckets, elapsed)
     else:
         metrics = state.metrics
         label = _STATUS_LABELS.get(status) or str(status)

@@ -143,6 +143,13 @@ class Gauge(Metric):
         ]
 
 
+def observe_row(row: list[float], buckets: Sequence[float], value: float) -> None:
+    """Add ``value`` to a histogram ``row`` (see ``Histogram.row``) with these bucket bounds."""
+    # The first bucket whose bound is >= value (len(buckets): the +Inf bucket).
+    row[bisect.bisect_left(buckets, value)] += 1
+    row[-1] += value
+
+
 class Histogram(Metric):
     kind = "histogram"
 
@@ -162,13 +169,11 @@ class Histogram(Metric):
         row = self._values.get(labels)
         if row is None:
             row = self.row(*labels)
-        # The first bucket whose bound is >= value (len(buckets): the +Inf bucket).
-        row[bisect.bisect_left(self.buckets, value)] += 1
-        row[-1] += value
+        observe_row(row, self.buckets, value)
 
     def row(self, *labels: str) -> list[float]:
-        """The counts of these label values, for a hot path to observe into directly:
-        ``row[bisect_left(buckets, value)] += 1; row[-1] += value`` (count per bucket, +Inf, sum)."""
+        """The counts of these label values (count per bucket, +Inf, sum), for a hot path to observe
+        into directly with ``observe_row``."""
         key = self._key(labels)
         row = self._values.get(key)
         if row is None:
