@@ -91,6 +91,8 @@ SNAPSHOT_MAX_AGE_S: Final = 10.0
 # Accepted requests (200/202) are logged one line each at DEBUG only; at INFO a summary of the traffic
 # is logged this often instead (refusals and errors keep one line each at INFO / ERROR).
 TRAFFIC_LOG_INTERVAL_S: Final = 60.0
+# Allocations between two young-generation collections while serving (CPython's default: 700); see tune_gc.
+GC_GEN0_THRESHOLD: Final = 50_000
 # Header names whose values are never logged, even in debug mode (admins can add custom headers).
 _SECRET_HINTS: Final = ("token", "authorization", "secret", "password", "cookie", "key", "signature")
 
@@ -671,6 +673,21 @@ async def _dead_letter(ctx: _Request, value: bytes, reason: str, cause: str) -> 
 # -- serving ---------------------------------------------------------------------------------------------
 
 
+def tune_gc() -> None:
+    """Set the cyclic garbage collector up for serving; call once start-up is done.
+
+    Nothing on the request path relies on the collector (requests free their objects by reference
+    counting), but with CPython's default gen-0 threshold (700 allocations) it ran every few requests
+    and, with hundreds of requests in flight, each run walked and promoted their live objects: 8-11 %
+    of the worker's CPU at saturation (py-spy --native). A higher threshold lets the short-lived objects
+    die before a collection sees them; cycles are still collected, only in larger, rarer runs.
+    """
+    # What start-up built lives as long as the process: out of every later collection.
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def build_ssl_context(settings: TlsSettings) -> ssl.SSLContext | None:
     files = resolve_tls(settings)
     if files is None:
@@ -723,9 +740,7 @@ async def _serve_http(
             backlog=1024,
         )
         await site.start()
-        # What start-up built lives as long as the process: keep it out of every later collection
-        # (fewer objects for each full collection to traverse on the request path).
-        gc.freeze()
+        tune_gc()
         log.info(
             "listening",
             extra={

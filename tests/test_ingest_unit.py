@@ -1034,3 +1034,35 @@ async def test_each_request_is_woken_at_its_own_deadline_and_answered_ones_are_n
     assert not delivery._deadlines and delivery._deadline_timer is None
     assert spool.pending == 2
     await spool.close()
+
+
+def test_serving_raises_the_young_collection_threshold_and_keeps_cycles_collectable() -> None:
+    import gc
+
+    from ingest.app import GC_GEN0_THRESHOLD, tune_gc
+
+    class Node:
+        partner: Any = None
+
+    collected: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collected.append(info["collected"])
+
+    before = gc.get_threshold()
+    gc.callbacks.append(count)
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of every later collection
+        assert gc.isenabled()
+        first, second = Node(), Node()
+        first.partner, second.partner = second, first
+        del first, second
+        gc.collect()
+        assert sum(collected) >= 2  # a cycle made while serving is still freed
+    finally:
+        gc.callbacks.remove(count)
+        gc.unfreeze()
+        gc.set_threshold(*before)
