@@ -678,9 +678,10 @@ def tune_gc() -> None:
 
     Nothing on the request path relies on the collector (requests free their objects by reference
     counting), but with CPython's default gen-0 threshold (700 allocations) it ran every few requests
-    and, with hundreds of requests in flight, each run walked and promoted their live objects: 8-11 %
-    of the worker's CPU at saturation (py-spy --native). A higher threshold lets the short-lived objects
-    die before a collection sees them; cycles are still collected, only in larger, rarer runs.
+    and, with hundreds of requests in flight, each run walked and promoted their live objects: 13 % of
+    the event loop thread's samples at saturation (py-spy --native; bench/README.md, "Fifth round").
+    A higher threshold lets the short-lived objects die before a collection sees them; cycles are still
+    collected, only in larger, rarer runs.
     """
     # What start-up built lives as long as the process: out of every later collection.
     gc.freeze()

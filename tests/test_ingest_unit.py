@@ -4,6 +4,7 @@ layer against an unreachable Kafka (everything then lands in the spool)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import ipaddress
 import json
@@ -27,6 +28,7 @@ from falco_gitlab.contract import (
     header_value,
 )
 from ingest import auth as auth_module
+from ingest.app import GC_GEN0_THRESHOLD, tune_gc
 from ingest.auth import Authenticator, client_address, network_allowed, parse_address
 from ingest.body import BodyError, split_body
 from ingest.config import (
@@ -1037,10 +1039,6 @@ async def test_each_request_is_woken_at_its_own_deadline_and_answered_ones_are_n
 
 
 def test_serving_raises_the_young_collection_threshold_and_keeps_cycles_collectable() -> None:
-    import gc
-
-    from ingest.app import GC_GEN0_THRESHOLD, tune_gc
-
     class Node:
         partner: Any = None
 
