@@ -119,22 +119,28 @@ class IngestState:
     # accepted since then.
     traffic_reported: dict[str, float] = field(default_factory=dict)
     traffic_events: int = 0
-    # Per destination: its name as bytes, the record header naming it (built once, not per request).
-    destination_headers: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    # Per destination: the metric cells every accepted request adds to (resolved once, not per request).
-    accepted_cells: dict[str, _AcceptedCells] = field(default_factory=dict)
+    # Per destination name: what its accepted requests use (resolved once, not per request).
+    routes: dict[str, _Route] = field(default_factory=dict)
+    # Read on every request: copied out of the configuration once.
+    max_body_bytes: int = 0
+    topic: str = ""
+    debug_json: bool = False
 
 
-@dataclass(slots=True)
-class _AcceptedCells:
+@dataclass(slots=True, eq=False)
+class _Route:
+    """One destination's record header and the metric cells every accepted request of it adds to."""
+
+    header: tuple[str, bytes]  # gitlab-destination
     received: list[float]  # events_received_total{destination}
     answered: list[float]  # requests_total{destination, status="200"}
     duration: list[float]  # request_duration_seconds{status="200"}: counts per bucket, +Inf, sum
     buckets: tuple[float, ...]
 
     @classmethod
-    def of(cls, metrics: IngestMetrics, destination: str) -> _AcceptedCells:
+    def of(cls, metrics: IngestMetrics, destination: str) -> _Route:
         return cls(
+            header=(HDR_DESTINATION, destination.encode()),
             received=metrics.events_received.cell(destination),
             answered=metrics.requests.cell(destination, "200"),
             duration=metrics.request_duration.row("200"),
@@ -189,8 +195,10 @@ def create_service(
         dedup=dedup,
         worker_index=worker_index,
         share_metrics=server.workers > 1 if share_metrics is None else share_metrics,
-        destination_headers={d.name: (HDR_DESTINATION, d.name.encode()) for d in destinations},
-        accepted_cells={d.name: _AcceptedCells.of(metrics, d.name) for d in destinations},
+        routes={d.name: _Route.of(metrics, d.name) for d in destinations},
+        max_body_bytes=server.max_body_bytes,
+        topic=config.kafka.topic,
+        debug_json=server.debug_json,
     ))
 
 
@@ -366,6 +374,7 @@ class _Request:
     received_ns: int
     started: float
     destination: Destination | None = None
+    route: _Route | None = None
     events: int = 0
 
 
@@ -375,13 +384,13 @@ def _reply(ctx: _Request, status: int, text: str, *, close: bool = False) -> web
     response = web.Response(status=status, text=line + "\n", headers={REQUEST_ID_HEADER: ctx.request_id})
     if close:
         response.force_close()
-    name = ctx.destination.name if ctx.destination else "unauthenticated"
+    name = ctx.destination.name if ctx.destination is not None else "unauthenticated"
     state = ctx.state
     elapsed = time.monotonic() - ctx.started
-    if status == 200 and ctx.destination is not None:
-        cells = state.accepted_cells[name]
-        cells.answered[0] += 1
-        observe_row(cells.duration, cells.buckets, elapsed)
+    route = ctx.route
+    if status == 200 and route is not None:
+        route.answered[0] += 1
+        observe_row(route.duration, route.buckets, elapsed)
     else:
         metrics = state.metrics
         label = _STATUS_LABELS.get(status) or str(status)
@@ -469,7 +478,7 @@ async def _handle(state: IngestState, request: web.BaseRequest) -> web.Response:
         if refusal is not None:
             return refusal
         body = _body_at_hand(ctx)
-        if body is None or len(body) > state.config.server.max_body_bytes:
+        if body is None or len(body) > state.max_body_bytes:
             answer = await _read_body(ctx, body or b"")
             if isinstance(answer, web.Response):
                 return answer
@@ -498,6 +507,7 @@ def _admit(ctx: _Request) -> web.Response | None:
     if destination is None:
         return _reply(ctx, 401, f"missing or invalid {TOKEN_HEADER}", close=True)
     ctx.destination = destination
+    ctx.route = state.routes[destination.name]
     if destination.networks:
         client = client_address(
             _peer(request),
@@ -512,10 +522,12 @@ def _admit(ctx: _Request) -> web.Response | None:
 
 
 def _body_at_hand(ctx: _Request) -> bytes | None:
-    """The body when it came whole with the head (the usual case: no timer needed), else None."""
-    declared = ctx.request.content_length
+    """The body when it came whole with the head (the usual case: no timer needed), else None.
+
+    Its size is checked by the caller: a body over the limit that is here already costs nothing more to
+    take, and _read_body then refuses it with what arrived."""
     stream = ctx.request.content
-    if (declared is None or declared <= ctx.state.config.server.max_body_bytes) and stream.is_eof():
+    if stream.is_eof():
         try:
             return stream.read_nowait(-1)
         except (RequestPayloadError, ConnectionError):
@@ -572,9 +584,9 @@ class _Batch:
 def _batch(ctx: _Request, body: bytes) -> _Batch:
     """Split the body into records (with their headers), dropping duplicates; raises BodyError."""
     state, request = ctx.state, ctx.request
-    destination = ctx.destination
-    assert destination is not None
-    if state.config.server.debug_json:
+    destination, route = ctx.destination, ctx.route
+    assert destination is not None and route is not None
+    if state.debug_json:
         log.info(
             "received",
             extra={
@@ -586,16 +598,16 @@ def _batch(ctx: _Request, body: bytes) -> _Batch:
         )
     events = split_body(body)
     ctx.events = len(events)
-    state.accepted_cells[destination.name].received[0] += len(events)
+    route.received[0] += len(events)
 
     header_type = request.headers.get(EVENT_TYPE_HEADER) or None
     # One object as the whole body (an array's element is a copy of its bytes, never the body itself).
     single = len(events) == 1 and events[0].raw is body
-    received = (HDR_RECEIVED_AT, str(ctx.received_ns).encode())
+    received = (HDR_RECEIVED_AT, b"%d" % ctx.received_ns)
     request_id = ctx.request_id.encode()
     request_header = (HDR_REQUEST_ID, request_id)
-    destination_header = state.destination_headers[destination.name]
-    topic = state.config.kafka.topic
+    destination_header = route.header
+    topic = state.topic
     dedup = state.dedup
     records: list[OutRecord] = []
     reserved: list[bytes] = []
