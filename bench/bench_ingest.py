@@ -532,7 +532,7 @@ def main() -> int:
         "--warmup",
         type=float,
         help="seconds of saturation load on each server before measuring, so that the broker's JIT is "
-        "warm (20; --quick 15)",
+        "warm (60; --quick 20)",
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions of the raw topic")
     parser.add_argument(
@@ -579,8 +579,8 @@ def main() -> int:
         host, port, bootstrap, topic = args.child_floor
         return floor_main(host, int(port), bootstrap, topic)
     # --quick: one round of shorter phases, unless an option says otherwise.
-    quick = {"rounds": 1, "duration": 5.0, "sat_duration": 5.0, "arr_duration": 3.0, "warmup": 15.0}
-    full = {"rounds": 2, "duration": 10.0, "sat_duration": 8.0, "arr_duration": 5.0, "warmup": 20.0}
+    quick = {"rounds": 1, "duration": 5.0, "sat_duration": 5.0, "arr_duration": 3.0, "warmup": 20.0}
+    full = {"rounds": 2, "duration": 10.0, "sat_duration": 8.0, "arr_duration": 5.0, "warmup": 60.0}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
