@@ -121,10 +121,6 @@ class IngestState:
     traffic_events: int = 0
     # Per destination name: what its accepted requests use (resolved once, not per request).
     routes: dict[str, _Route] = field(default_factory=dict)
-    # Read on every request: copied out of the configuration once.
-    max_body_bytes: int = 0
-    topic: str = ""
-    debug_json: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -196,9 +192,6 @@ def create_service(
         worker_index=worker_index,
         share_metrics=server.workers > 1 if share_metrics is None else share_metrics,
         routes={d.name: _Route.of(metrics, d.name) for d in destinations},
-        max_body_bytes=server.max_body_bytes,
-        topic=config.kafka.topic,
-        debug_json=server.debug_json,
     ))
 
 
@@ -478,7 +471,7 @@ async def _handle(state: IngestState, request: web.BaseRequest) -> web.Response:
         if refusal is not None:
             return refusal
         body = _body_at_hand(ctx)
-        if body is None or len(body) > state.max_body_bytes:
+        if body is None or len(body) > state.config.server.max_body_bytes:
             answer = await _read_body(ctx, body or b"")
             if isinstance(answer, web.Response):
                 return answer
@@ -586,7 +579,7 @@ def _batch(ctx: _Request, body: bytes) -> _Batch:
     state, request = ctx.state, ctx.request
     destination, route = ctx.destination, ctx.route
     assert destination is not None and route is not None
-    if state.debug_json:
+    if state.config.server.debug_json:
         log.info(
             "received",
             extra={
@@ -607,7 +600,7 @@ def _batch(ctx: _Request, body: bytes) -> _Batch:
     request_id = ctx.request_id.encode()
     request_header = (HDR_REQUEST_ID, request_id)
     destination_header = route.header
-    topic = state.topic
+    topic = state.config.kafka.topic
     dedup = state.dedup
     records: list[OutRecord] = []
     reserved: list[bytes] = []
